@@ -1,0 +1,166 @@
+"""Checkpoints: resumable DeepSpeed tags with per-rank training state, and EMA exports (safetensors + config.json).
+
+A tag directory is trusted only once `complete.json` (written last, atomically, after every rank saved) lists
+each file with its size; auto-resume skips tags that fail that check, so a killed save never poisons a resume.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TAG_PREFIX = "step_"
+MANIFEST = "complete.json"
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.json"
+
+
+def tag_for(step: int) -> str:
+    return f"{TAG_PREFIX}{step:07d}"
+
+
+def step_of(tag: str) -> int:
+    return int(tag[len(TAG_PREFIX):])
+
+
+def list_tags(ckpt_dir: Path) -> list[str]:
+    if not Path(ckpt_dir).is_dir():
+        return []
+    tags = [p.name for p in Path(ckpt_dir).iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX)
+            and p.name[len(TAG_PREFIX):].isdigit()]
+    return sorted(tags, key=step_of)
+
+
+def write_manifest(tag_dir: Path, meta: dict) -> None:
+    files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    atomic_write_text(tag_dir / MANIFEST, json.dumps({"files": files, **meta}, indent=1))
+
+
+def check_tag(tag_dir: Path) -> str | None:
+    """None when the tag is complete; otherwise why it is not."""
+    manifest = tag_dir / MANIFEST
+    if not manifest.is_file():
+        return "no complete.json (the save did not finish)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as err:
+        return f"unreadable complete.json ({err})"
+    for rel, size in files.items():
+        path = tag_dir / rel
+        if not path.is_file():
+            return f"missing {rel}"
+        if path.stat().st_size != size:
+            return f"{rel} has {path.stat().st_size} bytes, expected {size} (truncated?)"
+    return None
+
+
+def latest_good_tag(ckpt_dir: Path, warn=print) -> str | None:
+    for tag in reversed(list_tags(ckpt_dir)):
+        problem = check_tag(Path(ckpt_dir) / tag)
+        if problem is None:
+            return tag
+        warn(f"[checkpoint] skipping {Path(ckpt_dir) / tag}: {problem}")
+    return None
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    good = [t for t in list_tags(ckpt_dir) if check_tag(Path(ckpt_dir) / t) is None]
+    for tag in good[:-keep]:
+        shutil.rmtree(Path(ckpt_dir) / tag, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def rank_state_path(tag_dir: Path, rank: int) -> Path:
+    return Path(tag_dir) / f"train_state_rank{rank:03d}.pt"
+
+
+def save_rank_state(tag_dir: Path, rank: int, state: dict) -> None:
+    atomic_torch_save(state, rank_state_path(tag_dir, rank))
+
+
+def load_rank_state(tag_dir: Path, rank: int) -> dict:
+    path = rank_state_path(tag_dir, rank)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the checkpoint was written by fewer ranks than this run has")
+    return torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are numpy/tuples
+
+
+def export(folder: Path, net: torch.nn.Module, model_cfg, meta: dict) -> Path:
+    """Write folder/{config.json, model.safetensors} atomically (a temp folder renamed into place)."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.float() for k, v in net.state_dict().items()}
+    atomic_save_safetensors(state, tmp / EXPORT_WEIGHTS, metadata={"format": "pt"})
+    config = {"format": "maskdit_ds", "version": 1, "model": dataclasses.asdict(model_cfg), **meta}
+    atomic_write_text(tmp / EXPORT_CONFIG, json.dumps(config, indent=2))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def find_export(path: Path) -> Path:
+    """An export folder, or a run directory (its newest export)."""
+    path = Path(path)
+    if (path / EXPORT_CONFIG).is_file() and (path / EXPORT_WEIGHTS).is_file():
+        return path
+    exports = sorted((path / "export").glob(f"{TAG_PREFIX}*")) if (path / "export").is_dir() else []
+    exports = [e for e in exports if (e / EXPORT_WEIGHTS).is_file() and (e / EXPORT_CONFIG).is_file()]
+    if not exports:
+        raise FileNotFoundError(f"{path}: neither an export folder (config.json + model.safetensors) "
+                                f"nor a run directory with export/step_* folders")
+    return exports[-1]
+
+
+def read_export_config(folder: Path) -> dict:
+    config = json.loads((Path(folder) / EXPORT_CONFIG).read_text())
+    if config.get("format") != "maskdit_ds" or "model" not in config:
+        raise ValueError(f"{folder}/config.json is not a maskdit_ds export (format={config.get('format')!r})")
+    return config
+
+
+def load_pretrained(path, device="cpu"):
+    """EDMPrecond in eval mode from an export folder or a run directory; `net(x, sigma, class_labels)` -> D."""
+    from .config import ModelConfig
+    from .model import build_denoiser
+
+    folder = find_export(Path(path))
+    config = read_export_config(folder)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    net = build_denoiser(ModelConfig(**{k: v for k, v in config["model"].items() if k in fields}))
+    state = load_file(str(folder / EXPORT_WEIGHTS))
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{folder}/{EXPORT_WEIGHTS} does not match {config['model']['name']}: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return net.to(device).eval().requires_grad_(False)
+
+
+def warn(message: str) -> None:
+    warnings.warn(message, stacklevel=2)

@@ -1,0 +1,332 @@
+"""One typed run config: dataclass sections, YAML presets, dotted overrides, validation, saved with every run."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+PRECISIONS = ("fp16", "bf16", "fp32")
+
+
+class ConfigError(ValueError):
+    """A config problem, named by its dotted key."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  # run directory is <out_dir>/<name>
+    out_dir: str = "runs"
+    seed: int = 0  # base seed; rank r draws from seed + r (masks, noise, label dropout)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "MaskDiT-XL/2"  # a key of maskdit_ds.model.registry.MODELS
+    input_size: int = 32  # spatial size the network sees (latent: image resolution / 8)
+    in_channels: int = 4  # 4 for SD latents, 1 or 3 for pixels
+    num_classes: int = 1000
+    sigma_data: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    source: str = "latents"  # latents (a cache from tools/cache_latents.py) | digits (built-in example) | images | hf
+    path: str = ""  # cache directory, image folder or saved Hugging Face dataset (unused for digits)
+    resolution: int = 256  # image resolution in pixels; a latent cache must match it
+    classes: list = field(default_factory=list)  # keep only these labels (empty: all)
+    fraction: float = 1.0  # keep this fraction of the examples, chosen once with the run seed
+    num_workers: int = 2  # DataLoader workers per rank
+    latent_scale: float = 0.18215  # SD VAE scaling applied to each fresh posterior sample
+    vae: str = ""  # VAE folder or hub id, only for decoding sample grids of latent models
+
+
+@dataclass
+class LossConfig:
+    P_mean: float = -1.2  # ln(sigma) ~ N(P_mean, P_std^2)
+    P_std: float = 1.2
+    mae_weight: float = 0.1  # lambda of the MAE term on masked tokens
+    label_dropout: float = 0.1  # probability of zeroing a one-hot label (for classifier-free guidance)
+
+
+@dataclass
+class MaskConfig:
+    ratio: float = 0.5  # fraction of tokens removed before the encoder, in [0, 1)
+    schedule: str = "constant"  # constant | cosine (ratio * cos(pi/2 t)^power over the stage)
+    power: int = 4
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # constant, no warm-up (SPEC section 4)
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class EngineConfig:
+    precision: str = "fp16"  # fp16 (dynamic loss scaling) | bf16 | fp32
+    ds_config: str = ""  # engine-mechanics JSON; empty: ds_configs/zero2_<precision>.json
+    tf32: bool = True  # allow TF32 matmuls on GPU in fp32 runs
+
+
+@dataclass
+class StageConfig:
+    name: str = "stage"
+    steps: int = 0  # optimizer steps in this stage
+    overrides: dict = field(default_factory=dict)  # dotted keys applied on top of the run config
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 1024  # images per optimizer step over all ranks = micro_batch x grad_accum x world
+    micro_batch: int = 128  # images per rank per forward
+    steps: int = 2_000_000  # optimizer steps of this run (ignored when stages are given)
+    ema_decay: float = 0.9999  # per optimizer step, kept in fp32
+    init_from: str = ""  # checkpoint dir or export folder to start from (weights + EMA + step; fresh optimizer)
+    reset_ema: bool = False  # with init_from: start the EMA from the loaded weights instead of the loaded EMA
+    log_every: int = 100
+    ckpt_every: int = 5000
+    keep_last: int = 3  # resumable checkpoints kept on disk
+    grid_every: int = 10000  # EMA sample grid to TensorBoard every N steps (0: off)
+    max_skipped_streak: int = 100  # consecutive fp16 overflow-skipped steps that stop the run
+    stages: list = field(default_factory=list)  # optional list of StageConfig dicts run back to back
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 40  # EDM Heun steps (2 * steps - 1 network calls)
+    guidance: float = 1.5
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    final_samples: int = 0  # after training, sample this many images with the EMA into samples.npz (0: off)
+    grid_size: int = 16
+
+
+@dataclass
+class MetricsConfig:
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0: known GPU table, or a measured GEMM peak on CPU
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _coerce(key: str, value, annotation):
+    """Check one leaf value against its declared type; ints are accepted where floats are declared."""
+    kind = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}[annotation]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # run.name=123 on the command line
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(f"{key}: expected {annotation}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _fill(obj, values: dict, prefix: str) -> None:
+    hints = {f.name: f.type for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"unknown config key {dotted!r}; valid keys here: {', '.join(hints)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted}: expected a section (mapping), got {value!r}")
+            _fill(current, value, dotted + ".")
+        else:
+            setattr(obj, key, _coerce(dotted, value, hints[key]))
+
+
+def from_dict(values: dict) -> Config:
+    cfg = Config()
+    _fill(cfg, values, "")
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    """'train.micro_batch=32' -> ('train.micro_batch', 32); values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def nest(dotted: dict) -> dict:
+    out: dict = {}
+    for key, value in dotted.items():
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r} conflicts with a scalar at {part!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def preset_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"no preset named {name_or_path!r}; presets: {', '.join(known)}")
+    return preset
+
+
+def load_yaml(path: Path) -> dict:
+    """A YAML file may name a parent preset with `base: <name>`; its values are merged underneath."""
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    parent = values.pop("base", None)
+    return merge(load_yaml(preset_path(parent)), values) if parent else values
+
+
+def load_config(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Config:
+    values = load_yaml(preset_path(name_or_path))
+    values = merge(values, nest(dict(parse_override(o) for o in overrides)))
+    return from_dict(values)
+
+
+def stage_config(cfg: Config, stage: StageConfig) -> Config:
+    """The run config with one stage's dotted overrides applied (stages themselves are not nested)."""
+    values = cfg.to_dict()
+    values["train"]["stages"] = []
+    return from_dict(merge(values, nest(stage.overrides)))
+
+
+def stages_of(cfg: Config) -> list[StageConfig]:
+    if not cfg.train.stages:
+        return [StageConfig(name="main", steps=cfg.train.steps)]
+    stages = []
+    for i, raw in enumerate(cfg.train.stages):
+        stage = StageConfig()
+        if not isinstance(raw, dict):
+            raise ConfigError(f"train.stages[{i}]: expected a mapping, got {raw!r}")
+        _fill(stage, raw, f"train.stages[{i}].")
+        stages.append(stage)
+    return stages
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Every error names its key. Run before anything heavy starts (and for each stage)."""
+    from .model.registry import MODELS
+
+    m, d, t = cfg.model, cfg.data, cfg.train
+    _check(m.name in MODELS, f"model.name: unknown model {m.name!r}; known: {', '.join(sorted(MODELS))}")
+    patch = MODELS[m.name].patch_size
+    _check(m.input_size > 0 and m.input_size % patch == 0,
+           f"model.input_size: {m.input_size} must be a positive multiple of the patch size {patch}")
+    _check(m.in_channels > 0 and m.num_classes > 0, "model.in_channels and model.num_classes must be positive")
+    _check(d.source in ("latents", "digits", "images", "hf"),
+           f"data.source: {d.source!r} is not one of latents, digits, images, hf")
+    if d.source != "digits":
+        _check(bool(d.path), f"data.path: required for data.source={d.source}")
+        _check(Path(d.path).exists(), f"data.path: {d.path} does not exist")
+    if d.source == "latents":
+        _check(d.resolution == m.input_size * 8,
+               f"data.resolution: {d.resolution} px latents are {d.resolution // 8}x{d.resolution // 8}, "
+               f"but model.input_size is {m.input_size}")
+    _check(0 < d.fraction <= 1, f"data.fraction: {d.fraction} must be in (0, 1]")
+    _check(0 <= cfg.mask.ratio < 1, f"mask.ratio: {cfg.mask.ratio} must be in [0, 1)")
+    _check(cfg.mask.schedule in ("constant", "cosine"), f"mask.schedule: {cfg.mask.schedule!r} not constant|cosine")
+    _check(0 <= cfg.loss.label_dropout < 1, f"loss.label_dropout: {cfg.loss.label_dropout} must be in [0, 1)")
+    _check(cfg.optim.lr > 0, f"optim.lr: {cfg.optim.lr} must be positive")
+    _check(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
+           f"optim.betas: {cfg.optim.betas} must be two numbers in [0, 1)")
+    _check(cfg.engine.precision in PRECISIONS, f"engine.precision: {cfg.engine.precision!r} not one of {PRECISIONS}")
+    ds_config_path(cfg)  # raises when missing
+    _check(t.micro_batch > 0 and t.global_batch > 0, "train.micro_batch and train.global_batch must be positive")
+    per_step = t.micro_batch * world_size
+    _check(t.global_batch % per_step == 0,
+           f"train.global_batch: {t.global_batch} is not divisible by train.micro_batch x world size "
+           f"= {t.micro_batch} x {world_size}")
+    _check(0 < t.ema_decay < 1, f"train.ema_decay: {t.ema_decay} must be in (0, 1)")
+    _check(t.log_every > 0 and t.ckpt_every > 0 and t.keep_last > 0,
+           "train.log_every, train.ckpt_every and train.keep_last must be positive")
+    if t.init_from:
+        _check(Path(t.init_from).exists(), f"train.init_from: {t.init_from} does not exist")
+    stages = stages_of(cfg)
+    _check(all(s.steps > 0 for s in stages), "train.steps (or every train.stages[i].steps) must be positive")
+    if cfg.train.stages:
+        for i, stage in enumerate(stages):
+            try:
+                validate(stage_config(cfg, stage), world_size)
+            except ConfigError as err:
+                raise ConfigError(f"train.stages[{i}] ({stage.name}): {err}") from None
+
+
+def grad_accum(cfg: Config, world_size: int) -> int:
+    return cfg.train.global_batch // (cfg.train.micro_batch * world_size)
+
+
+def ds_config_path(cfg: Config) -> Path:
+    name = cfg.engine.ds_config or f"zero2_{cfg.engine.precision}"
+    for candidate in (Path(name), DS_CONFIG_DIR / name, DS_CONFIG_DIR / f"{name}.json"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"engine.ds_config: no file {name!r} (looked in . and {DS_CONFIG_DIR})")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def dumps(cfg: Config) -> str:
+    return json.dumps(cfg.to_dict(), indent=2)

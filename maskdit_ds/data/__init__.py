@@ -1,0 +1,59 @@
+"""Datasets for training: the built-in digits, latent caches (tools/cache_latents.py) and image sources."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from .digits import DigitsDataset, DigitsJudge
+from .loader import ResumableLoader, ResumableSampler
+
+
+def select(dataset: Dataset, labels: torch.Tensor, classes: list, fraction: float, seed: int) -> Dataset:
+    """Keep the given classes (all if empty), then a seeded random fraction of what is left."""
+    keep = torch.arange(len(labels))
+    if classes:
+        keep = keep[torch.isin(labels, torch.tensor(classes))]
+    if fraction < 1.0:
+        order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))
+        keep = keep[order[: max(1, int(len(keep) * fraction))]].sort().values
+    if len(keep) == len(labels):
+        return dataset
+    return Subset(dataset, keep.tolist())
+
+
+def build_dataset(data_cfg, model_cfg, seed: int = 0) -> Dataset:
+    """A map-style dataset of {"x", "y"} for the configured source, checked against the model config."""
+    if data_cfg.source == "digits":
+        ds = DigitsDataset(data_cfg.resolution)
+        labels = ds.y
+    elif data_cfg.source == "latents":
+        from .latent_cache import LatentCache
+
+        ds = LatentCache(data_cfg.path)
+        ds.check_compatible(data_cfg.resolution, model_cfg.in_channels)
+        labels = ds.labels() if hasattr(ds, "labels") else torch.tensor([ds[i]["y"] for i in range(len(ds))])
+    else:
+        from .sources import ImageDataset
+
+        ds = ImageDataset(data_cfg.source, data_cfg.path, data_cfg.resolution)
+        labels = ds.labels() if hasattr(ds, "labels") else torch.tensor([ds[i]["y"] for i in range(len(ds))])
+    channels = model_cfg.in_channels * (2 if data_cfg.source == "latents" else 1)  # caches hold mean + logvar
+    expected = (channels, model_cfg.input_size, model_cfg.input_size)
+    if tuple(ds[0]["x"].shape) != expected:
+        raise ValueError(f"data.source={data_cfg.source}: items have shape {tuple(ds[0]['x'].shape)}, but model "
+                         f"{model_cfg.name} with in_channels={model_cfg.in_channels} and input_size="
+                         f"{model_cfg.input_size} expects {expected}")
+    return select(ds, labels, list(data_cfg.classes), data_cfg.fraction, seed)
+
+
+def to_model_input(x: torch.Tensor, data_cfg) -> torch.Tensor:
+    """Latent caches hold posterior moments: draw a fresh scaled latent every step. Pixels pass through."""
+    if data_cfg.source == "latents":
+        from .latent_cache import sample_latent
+
+        return sample_latent(x, scale=data_cfg.latent_scale)
+    return x
+
+
+__all__ = ["DigitsDataset", "DigitsJudge", "ResumableLoader", "ResumableSampler", "build_dataset", "to_model_input",
+           "select"]

@@ -1,0 +1,135 @@
+"""The only module that imports deepspeed: ZeRO-2 engine creation, steps, checkpoint save/load, consolidation."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from . import dist
+from .config import Config, ConfigError, ds_config_path, grad_accum
+
+# Hyperparameters live in the run config; a ds_config JSON that sets them would be a second source of truth.
+RUN_CONFIG_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                   "optimizer", "scheduler", "gradient_clipping")
+
+
+def init_distributed() -> None:
+    """gloo on CPU, nccl on GPU; srun tasks get RANK etc. from SLURM's variables."""
+    dist.env_from_slurm()
+    dist.ensure_single_process_env()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist.local_rank())
+    deepspeed.init_distributed(verbose=False)
+
+
+def build_ds_config(cfg: Config, world_size: int) -> dict:
+    path = ds_config_path(cfg)
+    ds = json.loads(Path(path).read_text())
+    found = [k for k in RUN_CONFIG_KEYS if k in ds]
+    if found:
+        raise ConfigError(f"engine.ds_config: {path} sets {', '.join(found)}; batch sizes, optimizer, lr and "
+                          f"clipping come from the run config (train.*, optim.*), so remove them from the JSON")
+    precision = cfg.engine.precision
+    json_precision = "fp16" if ds.get("fp16", {}).get("enabled") else "bf16" if ds.get("bf16", {}).get("enabled") \
+        else "fp32"
+    if json_precision != precision:
+        raise ConfigError(f"engine.precision is {precision} but {path} enables {json_precision}")
+    if precision == "fp16" and not get_accelerator().is_fp16_supported():
+        raise ConfigError(f"engine.precision=fp16 is not supported on this {get_accelerator().device_name()} "
+                          f"device; use bf16 or fp32")
+    opt = cfg.optim
+    ds.update(
+        train_batch_size=cfg.train.global_batch,
+        train_micro_batch_size_per_gpu=cfg.train.micro_batch,
+        gradient_accumulation_steps=grad_accum(cfg, world_size),
+        gradient_clipping=0.0,  # SPEC section 4: no clipping
+        zero_allow_untested_optimizer=True,
+        optimizer={"type": "AdamW", "params": {
+            "lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay,
+            # FusedAdam JIT-compiles CUDA kernels; on CPU torch's AdamW does the same update.
+            "torch_adam": not torch.cuda.is_available()}},
+    )
+    return ds
+
+
+class Engine:
+    """Wraps a DeepSpeedEngine: call it like the network, then backward(loss) and step() every micro-batch."""
+
+    def __init__(self, net: torch.nn.Module, cfg: Config, world_size: int):
+        if cfg.engine.precision == "fp32" and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = cfg.engine.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.engine.tf32
+        self.config = build_ds_config(cfg, world_size)
+        params = [p for p in net.parameters() if p.requires_grad]
+        self.ds, _, _, _ = deepspeed.initialize(model=net, model_parameters=params, config=self.config)
+        self.precision = cfg.engine.precision
+
+    def __call__(self, *args, **kwargs):
+        return self.ds(*args, **kwargs)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        self.ds.step()
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self.ds.skipped_steps)
+
+    @property
+    def loss_scale(self) -> float:
+        scaler = getattr(self.ds.optimizer, "loss_scaler", None)
+        return float(scaler.cur_scale) if scaler is not None and self.precision == "fp16" else 1.0
+
+    @property
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    def save(self, ckpt_dir: Path, tag: str) -> None:
+        """Collective: every rank writes its ZeRO partition (rank-0-only saving would hang)."""
+        self.ds.save_checkpoint(str(ckpt_dir), tag=tag)
+
+    def load(self, ckpt_dir: Path, tag: str) -> None:
+        path, _ = self.ds.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
+
+    def full_fp32_state(self) -> dict:
+        """Collective: the consolidated fp32 master weights (module names), e.g. to hand over to the next stage."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, p in self.ds.module.named_parameters():
+            full = safe_get_full_fp32_param(p) if p.requires_grad else None
+            out[name] = (full if full is not None else p.detach()).float().cpu().clone()
+        return out
+
+    def release(self) -> None:
+        """Free the engine's buffers before the next stage builds a new one."""
+        self.ds.destroy() if hasattr(self.ds, "destroy") else None
+        del self.ds
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def consolidated_fp32_state(tag_dir: Path) -> dict:
+    """fp32 model weights of a ZeRO checkpoint tag, any world size, without an engine (DeepSpeed's own routine)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = Path(tag_dir)
+    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+
+
+def fp16_supported() -> bool:
+    return bool(get_accelerator().is_fp16_supported())
+
+

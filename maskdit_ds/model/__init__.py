@@ -1,0 +1,17 @@
+"""MaskDiT model family: pure torch, no distributed code."""
+from .flops import forward_flops, train_flops
+from .masking import MaskRecord, num_kept, random_mask, record_from_mask
+from .maskdit import MaskDiT
+from .precond import EDMPrecond
+from .registry import MODELS, ModelSize, get_size
+
+
+def build_denoiser(model_cfg) -> EDMPrecond:
+    """model_cfg: a config.ModelConfig (or anything with name, input_size, in_channels, num_classes, sigma_data)."""
+    size = get_size(model_cfg.name)
+    net = MaskDiT(size, model_cfg.input_size, model_cfg.in_channels, model_cfg.num_classes)
+    return EDMPrecond(net, sigma_data=model_cfg.sigma_data)
+
+
+__all__ = ["MODELS", "ModelSize", "MaskDiT", "EDMPrecond", "MaskRecord", "build_denoiser", "get_size",
+           "forward_flops", "train_flops", "num_kept", "random_mask", "record_from_mask"]

@@ -1,0 +1,88 @@
+"""MaskDiT: a DiT encoder over visible tokens plus a small DiT decoder over all tokens (Zheng et al., TMLR 2024)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .layers import DiTBlock, FixedSinCos, LabelEmbedder, ModulatedLinear, PatchEmbed, TimestepEmbedder
+from .masking import MaskRecord, gather_tokens, random_mask, record_from_mask
+from .registry import ModelSize
+
+
+class MaskDiT(nn.Module):
+    """F(x_in, c_noise, y_onehot[, mask]) -> (N, C, H, W). Pure torch; masking only in training mode."""
+
+    def __init__(self, size: ModelSize, input_size: int, in_channels: int, num_classes: int):
+        super().__init__()
+        p, d, dd = size.patch_size, size.hidden_size, size.decoder_hidden
+        if input_size % p:
+            raise ValueError(f"input size {input_size} is not divisible by patch size {p}")
+        self.size, self.input_size, self.in_channels, self.num_classes = size, input_size, in_channels, num_classes
+        self.grid = input_size // p
+        self.num_tokens = self.grid**2
+
+        self.x_embedder = PatchEmbed(p, in_channels, d)
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(num_classes, d)
+        self.pos_embed = FixedSinCos(d, self.grid)
+        self.blocks = nn.ModuleList([DiTBlock(d, size.num_heads, size.mlp_ratio, d) for _ in range(size.depth)])
+        self.decoder_layer = ModulatedLinear(d, dd, cond_dim=d)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+        self.decoder_pos_embed = FixedSinCos(dd, self.grid)
+        self.decoder_blocks = nn.ModuleList(
+            [DiTBlock(dd, size.decoder_heads, size.mlp_ratio, d) for _ in range(size.decoder_depth)]
+        )
+        self.final_layer = ModulatedLinear(dd, p * p * in_channels, cond_dim=d)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        # adaLN-Zero: every modulation, the encoder->decoder map and the output start at zero, so F = 0 at step 0.
+        for block in [*self.blocks, *self.decoder_blocks, self.decoder_layer, self.final_layer]:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.decoder_layer.linear, self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, L, p*p*C) with per-token layout (p_row, p_col, C) -> (N, C, H, W)."""
+        n, p, c, g = x.shape[0], self.size.patch_size, self.in_channels, self.grid
+        x = x.reshape(n, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (N, C, g, p, g, p)
+        return x.reshape(n, c, g * p, g * p)
+
+    def make_mask(self, n: int, mask_ratio: float, mask: torch.Tensor | None, device) -> MaskRecord | None:
+        if not self.training or (mask is None and mask_ratio <= 0):
+            return None
+        if mask is not None:
+            return record_from_mask(mask.to(device))
+        return random_mask(n, self.num_tokens, mask_ratio, device=device)
+
+    def forward(self, x, c_noise, y_onehot, mask_ratio: float = 0.0, mask: torch.Tensor | None = None):
+        """x (N, C, H, W), c_noise (N,), y_onehot (N, classes) -> (out (N, C, H, W), MaskRecord or None)."""
+        tokens = self.pos_embed(self.x_embedder(x))  # (N, L, D)
+        c = self.t_embedder(c_noise) + self.y_embedder(y_onehot.to(tokens.dtype))  # (N, D)
+        record = self.make_mask(x.shape[0], mask_ratio, mask, x.device)
+        if record is not None:
+            tokens = gather_tokens(tokens, record.ids_keep)  # (N, L_keep, D): dropped tokens never enter
+        for block in self.blocks:
+            tokens = block(tokens, c)
+        tokens = self.decoder_layer(tokens, c)  # (N, L_keep, Dd)
+        if record is not None:
+            fill = self.mask_token.to(tokens.dtype).expand(tokens.shape[0], self.num_tokens - record.num_keep, -1)
+            tokens = gather_tokens(torch.cat([tokens, fill], dim=1), record.ids_restore)  # (N, L, Dd), raster order
+        tokens = self.decoder_pos_embed(tokens)
+        for block in self.decoder_blocks:
+            tokens = block(tokens, c)
+        return self.unpatchify(self.final_layer(tokens, c)), record

@@ -1,0 +1,374 @@
+"""One training function for MaskDiT's masked phase and unmasked tuning (SPEC section 4), in stages.
+
+Data flows one way: config -> data -> model -> loss -> engine -> checkpoints/logging. Every rank runs this.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import random
+import signal
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from . import checkpoint as ckpt
+from . import dist
+from .config import Config, ConfigError, grad_accum, save_config, stage_config, stages_of, validate
+from .data import DigitsJudge, ResumableLoader, build_dataset, to_model_input
+from .engine import Engine, build_ds_config, consolidated_fp32_state, init_distributed
+from .loss import MaskedEDMLoss
+from .metrics import RunLogger, Throughput, device_peak_tflops
+from .model import build_denoiser, get_size, train_flops
+from .sample import SamplerConfig, generate, image_grid, to_uint8
+from .schedules import ema_update, mask_ratio_at
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on a signal; the SLURM template requeues on this code
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue meaningfully (NaN loss, fp16 overflow storm)."""
+
+
+@dataclasses.dataclass
+class TrainState:
+    step: int = 0  # optimizer steps over the whole lineage (continues across stages and init_from)
+    stage: int = 0  # index into the stage list
+    stage_step: int = 0  # optimizer steps done in the current stage
+    images_seen: int = 0
+
+
+class Preemption:
+    """SIGUSR1 (SLURM --signal) or SIGTERM: finish the step in flight, save on every rank, exit 75."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+# ---------------------------------------------------------------- state that must survive a resume
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def save_checkpoint(engine, ema, state, loader, cfg: Config, logger) -> None:
+    """Collective. DeepSpeed partitions + per-rank state on every rank; EMA, export and manifest on rank 0."""
+    ckpt_dir, tag = cfg.run_dir / "checkpoints", ckpt.tag_for(state.step)
+    engine.save(ckpt_dir, tag)
+    tag_dir = ckpt_dir / tag
+    ckpt.save_rank_state(tag_dir, dist.rank(), {"train": dataclasses.asdict(state), "data": loader.state_dict(),
+                                                "rng": rng_state()})
+    if dist.is_main():
+        ckpt.atomic_save_safetensors(ema.state_dict(), tag_dir / "ema.safetensors")
+        meta = {"step": state.step, "images_seen": state.images_seen, "run": cfg.run.name,
+                "lineage": lineage(cfg)}
+        ckpt.export(cfg.run_dir / "export" / tag, ema, cfg.model, meta)
+    dist.barrier()
+    if dist.is_main():
+        ckpt.write_manifest(tag_dir, {"step": state.step, "world_size": dist.world_size()})
+        ckpt.prune(ckpt_dir, cfg.train.keep_last)
+        exports = sorted((cfg.run_dir / "export").glob(f"{ckpt.TAG_PREFIX}*"))
+        for old in exports[: -cfg.train.keep_last]:
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
+        logger.message(f"[checkpoint] saved {tag_dir}")
+    dist.barrier()
+
+
+def lineage(cfg: Config) -> dict:
+    return {"init_from": cfg.train.init_from or None, "data": {"source": cfg.data.source, "path": cfg.data.path,
+            "classes": list(cfg.data.classes), "fraction": cfg.data.fraction}}
+
+
+def init_from(path: Path, net, ema, state: TrainState, reset_ema: bool) -> dict:
+    """Start from another run: weights, EMA and step count; the optimizer starts fresh (SPEC section 4)."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        tag = ckpt.latest_good_tag(path / "checkpoints", warn=dist.print0)
+        if tag is None:
+            raise ConfigError(f"train.init_from: {path}/checkpoints has no complete checkpoint")
+        path = path / "checkpoints" / tag
+    if (path / ckpt.MANIFEST).is_file():
+        problem = ckpt.check_tag(path)
+        if problem:
+            raise ConfigError(f"train.init_from: {path} is not a usable checkpoint: {problem}")
+        weights = consolidated_fp32_state(path)
+        ema_weights = load_file(str(path / "ema.safetensors"))
+        prior = ckpt.load_rank_state(path, 0)["train"]
+    else:
+        folder = ckpt.find_export(path)
+        weights = ema_weights = load_file(str(folder / ckpt.EXPORT_WEIGHTS))
+        prior = {"step": ckpt.read_export_config(folder).get("step", 0), "images_seen": 0}
+    net.load_state_dict(weights)
+    ema.load_state_dict(weights if reset_ema else ema_weights)
+    state.step, state.images_seen = int(prior["step"]), int(prior.get("images_seen", 0))
+    return {"init_from": str(path), "step": state.step, "ema": "reset" if reset_ema else "continued"}
+
+
+# ---------------------------------------------------------------- one stage
+
+
+def run_stage(cfg: Config, steps: int, engine: Engine, ema, loader: ResumableLoader, state: TrainState,
+              logger: RunLogger, preemption: Preemption, total_steps: int) -> int | None:
+    """Train until the stage has `steps` optimizer steps. Returns EXIT_PREEMPTED if stopped by a signal."""
+    device, world = dist.device(), dist.world_size()
+    size = get_size(cfg.model.name)
+    loss_fn = MaskedEDMLoss(size.patch_size, cfg.model.num_classes, cfg.loss.P_mean, cfg.loss.P_std,
+                            cfg.model.sigma_data, cfg.loss.mae_weight, cfg.loss.label_dropout)
+    accum = grad_accum(cfg, world)
+    peak, _ = device_peak_tflops(cfg.engine.precision, cfg.metrics.peak_tflops)
+    meter = Throughput(lambda r: train_flops(size, cfg.model.input_size, cfg.model.in_channels, r), peak, world)
+    sums, streak = defaultdict(lambda: torch.zeros((), device=device, dtype=torch.float64)), 0
+    batches = iter(loader)
+
+    while state.stage_step < steps:
+        ratio = mask_ratio_at(cfg.mask.ratio, cfg.mask.schedule, state.stage_step / steps, cfg.mask.power)
+        skipped_before = engine.skipped_steps
+        for _ in range(accum):  # DeepSpeed applies the optimizer on the last micro-batch
+            batch = next(batches)
+            x = to_model_input(batch["x"].to(device, non_blocking=True), cfg.data)
+            loss, parts = loss_fn(engine, x, batch["y"].to(device, non_blocking=True), ratio)
+            engine.backward(loss.mean())
+            engine.step()
+            for key, value in (("loss", loss.detach()), *parts.items()):
+                sums[key] += value.double().sum()
+            sums["count"] += loss.shape[0]
+            sums["nonfinite"] += (~torch.isfinite(loss.detach())).sum()
+        state.step, state.stage_step = state.step + 1, state.stage_step + 1
+        state.images_seen += cfg.train.global_batch
+        meter.add(cfg.train.global_batch, ratio)
+        if engine.skipped_steps > skipped_before:  # fp16 overflow: weights unchanged, scale halved
+            streak += 1
+        else:
+            streak = 0
+            ema_update(ema, engine.module, cfg.train.ema_decay)
+        if streak >= cfg.train.max_skipped_streak:
+            raise TrainingError(f"step {state.step}: {streak} consecutive fp16 steps overflowed (loss scale "
+                                f"{engine.loss_scale:g}); the run diverged. Lower optim.lr or use bf16/fp32.")
+
+        last = state.stage_step == steps
+        if state.step % cfg.train.log_every == 0 or last:
+            log_window(cfg, engine, state, sums, ratio, meter, logger, loader)
+            sums.clear()
+        if cfg.train.grid_every and state.step % cfg.train.grid_every == 0:
+            log_grid(cfg, ema, logger, state.step)
+        stop = dist.any_rank(preemption.requested)
+        if state.step % cfg.train.ckpt_every == 0 or last or stop:
+            save_checkpoint(engine, ema, state, loader, cfg, logger)
+        logger.advance()
+        if stop:
+            logger.message(f"[preempt] signal received: saved step {state.step}, exiting {EXIT_PREEMPTED}")
+            return EXIT_PREEMPTED
+    return None
+
+
+def log_window(cfg, engine, state, sums, ratio, meter, logger, loader) -> None:
+    keys = ["loss", "dsm", "mae", "count", "nonfinite"]
+    totals = torch.stack([sums[k] for k in keys]).cpu()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)  # float64 on CPU works for gloo and is tiny for nccl via .cpu()
+    values = dict(zip(keys, totals.tolist()))
+    if values["nonfinite"] > 0 and cfg.engine.precision != "fp16":
+        raise TrainingError(f"step {state.step}: {int(values['nonfinite'])} non-finite per-sample losses in "
+                            f"{cfg.engine.precision}; stopping instead of training on garbage")
+    count = max(values["count"], 1)
+    stats = {"loss": values["loss"] / count, "dsm": values["dsm"] / count, "mae": values["mae"] / count,
+             "lr": engine.lr, "mask_ratio": ratio, "loss_scale": engine.loss_scale,
+             "skipped_steps": engine.skipped_steps, "images_seen": state.images_seen, "epoch": loader.epoch,
+             "stage": state.stage, **meter.read()}
+    logger.scalars(state.step, stats)
+
+
+@torch.no_grad()
+def log_grid(cfg: Config, ema, logger: RunLogger, step: int) -> None:
+    """EMA samples (one per class, cycling) with guidance, as a TensorBoard image; rank 0 only."""
+    if not dist.is_main():
+        return
+    n, classes = cfg.sample.grid_size, cfg.model.num_classes
+    sampler = SamplerConfig(steps=cfg.sample.steps, guidance=cfg.sample.guidance)
+    shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+    images, _ = generate(ema, list(range(n)), shape, classes, sampler, dist.device(),
+                         class_labels=torch.arange(n) % classes)
+    if cfg.data.source == "latents":
+        images = decode_latents(images, cfg)
+    logger.image("samples/ema", image_grid(to_uint8(images.float())), step)
+
+
+def decode_latents(latents: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Latents -> [-1, 1] images with the configured VAE; without one, show 3 latent channels rescaled."""
+    if not cfg.data.vae:
+        x = latents[:, :3].float()
+        return (x / x.abs().amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)).clamp(-1, 1)
+    from .data.vae import load_vae
+
+    vae = load_vae(cfg.data.vae).to(dist.device())
+    return vae.decode(latents.float().to(dist.device()) / cfg.data.latent_scale).sample.cpu().clamp(-1, 1)
+
+
+# ---------------------------------------------------------------- after training
+
+
+@torch.no_grad()
+def final_samples(cfg: Config, ema, logger: RunLogger) -> None:
+    """Sample cfg.sample.final_samples images with the EMA and guidance, split over ranks by seed, into
+    samples.npz (arr_0 uint8 NHWC, arr_1 labels) and samples.png; the digits example is also judged."""
+    n = cfg.sample.final_samples
+    if n <= 0 or (cfg.data.source == "latents" and not cfg.data.vae):
+        return
+    seeds = list(range(n))[dist.rank() :: dist.world_size()]
+    shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+    sampler = SamplerConfig(steps=cfg.sample.steps, guidance=cfg.sample.guidance, sigma_min=cfg.sample.sigma_min,
+                            sigma_max=cfg.sample.sigma_max, rho=cfg.sample.rho)
+    images, labels = generate(ema, seeds, shape, cfg.model.num_classes, sampler, dist.device(), batch_size=256)
+    if cfg.data.source == "latents":
+        images = decode_latents(images, cfg)
+    parts = dist.all_gather_objects((seeds, to_uint8(images.float()), labels.numpy()))
+    if not dist.is_main():
+        return
+    order = np.argsort(np.concatenate([p[0] for p in parts]))
+    pixels = np.concatenate([p[1] for p in parts])[order]
+    classes = np.concatenate([p[2] for p in parts])[order]
+    np.savez(cfg.run_dir / "samples.npz", arr_0=pixels, arr_1=classes)
+    from PIL import Image
+
+    Image.fromarray(image_grid(pixels[:100], columns=10)).save(cfg.run_dir / "samples.png")
+    report = {"num_samples": int(n), "guidance": cfg.sample.guidance, "steps": cfg.sample.steps}
+    if cfg.data.source == "digits":
+        as_float = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+        report["digits_class_agreement"] = DigitsJudge().agreement(as_float, torch.from_numpy(classes))
+    ckpt.atomic_write_text(cfg.run_dir / "samples.json", json.dumps(report, indent=2))
+    logger.message(f"[samples] wrote {cfg.run_dir / 'samples.npz'}: {json.dumps(report)}")
+
+
+# ---------------------------------------------------------------- the run
+
+
+def describe(cfg: Config, world: int) -> str:
+    """What --dry-run prints: config, final DeepSpeed config per stage, parameter count, FLOPs per image."""
+    with torch.device("meta"):
+        net = build_denoiser(cfg.model)
+    m = net.model
+    params = sum(p.numel() for p in net.parameters())
+    tables = m.pos_embed.table.numel() + m.decoder_pos_embed.table.numel()
+    size = get_size(cfg.model.name)
+    lines = [f"run dir: {cfg.run_dir}", f"world size: {world}", yaml_dump(cfg.to_dict())]
+    for i, stage in enumerate(stages_of(cfg)):
+        scfg = stage_config(cfg, stage) if cfg.train.stages else cfg
+        flops = train_flops(size, scfg.model.input_size, scfg.model.in_channels, scfg.mask.ratio)
+        lines.append(f"stage {i} ({stage.name}): {stage.steps} steps, {scfg.engine.precision}, mask ratio "
+                     f"{scfg.mask.ratio}, lr {scfg.optim.lr}, grad accum {grad_accum(scfg, world)}, "
+                     f"training GFLOPs per image {flops / 1e9:.2f}")
+        lines.append("ds_config: " + json.dumps(build_ds_config(scfg, world)))
+    lines.append(f"parameters: {params:,} trainable + {tables:,} in fixed position tables = {params + tables:,}")
+    return "\n".join(lines)
+
+
+def yaml_dump(values: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(values, sort_keys=False).rstrip()
+
+
+def dry_run(cfg: Config, world: int) -> int:
+    validate(cfg, world)
+    print(describe(cfg, world), flush=True)
+    return 0
+
+
+def train(cfg: Config) -> int:
+    # 1. World and config: every error here happens before any heavy work.
+    init_distributed()
+    rank, world, device = dist.rank(), dist.world_size(), dist.device()
+    validate(cfg, world)
+    stages = stages_of(cfg)
+    stage_cfgs = [stage_config(cfg, s) if cfg.train.stages else cfg for s in stages]
+    if dist.is_main():
+        save_config(cfg, cfg.run_dir / "config.yaml")
+        ds_configs = [build_ds_config(c, world) for c in stage_cfgs]
+        ckpt.atomic_write_text(cfg.run_dir / "ds_config.json", json.dumps(ds_configs[0] if len(ds_configs) == 1
+                                                                          else ds_configs, indent=2))
+    seed_everything(cfg.run.seed + rank)  # different masks, noise and label dropout per rank
+
+    # 2. Data.
+    dataset = build_dataset(cfg.data, cfg.model, cfg.run.seed)
+
+    # 3. Model, EMA (fp32), and where we start from.
+    net = build_denoiser(cfg.model)
+    ema = copy.deepcopy(net).to(device).eval().requires_grad_(False)
+    state, resume = TrainState(), dist.all_gather_objects(
+        ckpt.latest_good_tag(cfg.run_dir / "checkpoints", warn=dist.print0) if dist.is_main() else None)[0]
+    resumed = None
+    if resume:
+        tag_dir = cfg.run_dir / "checkpoints" / resume
+        resumed = ckpt.load_rank_state(tag_dir, rank)
+        state = TrainState(**resumed["train"])
+        ema.load_state_dict(load_file(str(tag_dir / "ema.safetensors")))
+        dist.print0(f"[resume] from {tag_dir} (step {state.step}, stage {state.stage})")
+    elif cfg.train.init_from:
+        record = init_from(Path(cfg.train.init_from), net, ema, state, cfg.train.reset_ema)
+        if dist.is_main():
+            ckpt.atomic_write_text(cfg.run_dir / "lineage.json", json.dumps({**record, **lineage(cfg)}, indent=2))
+        dist.print0(f"[init] {record}")
+
+    total = state.step - state.stage_step + sum(s.steps for s in stages[state.stage :])
+    logger = RunLogger(cfg.run_dir, dist.is_main(), total_steps=total, start_step=state.step)
+    preemption = Preemption()
+    # 4. Stages: a new engine at each boundary (precision, optimizer and lr may change; the EMA continues).
+    data_state = resumed["data"] if resumed else None  # the data position carries across stages
+    for index in range(state.stage, len(stages)):
+        scfg = stage_cfgs[index]
+        loader = ResumableLoader(dataset, scfg.train.micro_batch, rank, world, cfg.run.seed,
+                                 num_workers=scfg.data.num_workers, pin_memory=torch.cuda.is_available())
+        if data_state:
+            loader.load_state_dict(data_state)
+        engine = Engine(net.to(device), scfg, world)
+        if resumed is not None:  # only the stage we resumed in loads DeepSpeed state
+            engine.load(cfg.run_dir / "checkpoints", resume)
+            set_rng_state(resumed["rng"])
+            resumed = None
+        logger.message(f"[stage {index}] {stages[index].name}: {stages[index].steps} steps, "
+                       f"{scfg.engine.precision}, mask ratio {scfg.mask.ratio}, lr {scfg.optim.lr}")
+        code = run_stage(scfg, stages[index].steps, engine, ema, loader, state, logger, preemption, total)
+        if code is not None:
+            logger.close()
+            return code
+        data_state = loader.state_dict()
+        weights = engine.full_fp32_state()  # hand the fp32 masters to the next stage
+        engine.release()
+        net = build_denoiser(cfg.model)
+        net.load_state_dict(weights)
+        if index + 1 < len(stages):
+            state.stage, state.stage_step = index + 1, 0
+
+    # 5. Samples from the EMA.
+    final_samples(cfg, ema, logger)
+    logger.close()
+    return 0
