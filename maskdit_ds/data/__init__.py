@@ -1,6 +1,8 @@
 """Datasets for training: the built-in digits, latent caches (tools/cache_latents.py) and image sources."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch.utils.data import Dataset, Subset
 
@@ -35,7 +37,9 @@ def build_dataset(data_cfg, model_cfg, seed: int = 0) -> Dataset:
     else:
         from .sources import ImageDataset
 
-        ds = ImageDataset(data_cfg.source, data_cfg.path, data_cfg.resolution)
+        # hf: a saved dataset folder, or a hub name such as "imagenet-1k" (needs the hub or its cache)
+        hub_name = data_cfg.source == "hf" and not Path(data_cfg.path).exists()
+        ds = ImageDataset(f"hf:{data_cfg.path}" if hub_name else data_cfg.path, data_cfg.resolution)
         labels = ds.labels() if hasattr(ds, "labels") else torch.tensor([ds[i]["y"] for i in range(len(ds))])
     channels = model_cfg.in_channels * (2 if data_cfg.source == "latents" else 1)  # caches hold mean + logvar
     expected = (channels, model_cfg.input_size, model_cfg.input_size)
@@ -55,5 +59,14 @@ def to_model_input(x: torch.Tensor, data_cfg) -> torch.Tensor:
     return x
 
 
-__all__ = ["DigitsDataset", "DigitsJudge", "ResumableLoader", "ResumableSampler", "build_dataset", "to_model_input",
+from .latent_cache import LatentCache, encode_to_cache, sample_latent  # noqa: E402
+from .reference_import import RefusedPickle, import_reference, open_reference  # noqa: E402
+from .sources import BadImage, HFImageSource, ImageDataset, ImageFolderSource, open_source  # noqa: E402
+from .transforms import adm_center_crop  # noqa: E402
+from .vae import encode_moments, load_vae  # noqa: E402
+
+__all__ = ["LatentCache", "encode_to_cache", "sample_latent", "RefusedPickle", "import_reference", "open_reference",
+           "BadImage", "HFImageSource", "ImageDataset", "ImageFolderSource", "open_source", "adm_center_crop",
+           "encode_moments", "load_vae",
+           "DigitsDataset", "DigitsJudge", "ResumableLoader", "ResumableSampler", "build_dataset", "to_model_input",
            "select"]

@@ -46,8 +46,10 @@ class ResumableLoader:
                              f"micro-batch {batch_size}; use a smaller train.micro_batch or more data")
         self.batch_size = batch_size
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
-                                 num_workers=num_workers, pin_memory=pin_memory,
-                                 persistent_workers=False)
+                                 num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
+                                 # its own generator: each new iterator draws a worker seed, and drawing it
+                                 # from the global RNG would shift the training noise after a mid-epoch resume
+                                 generator=torch.Generator().manual_seed(seed * 1000 + rank))
         self.epoch, self.position = 0, 0  # samples of this epoch already handed to the training loop
 
     def state_dict(self) -> dict:

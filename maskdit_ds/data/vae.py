@@ -1,0 +1,121 @@
+"""The frozen Stable Diffusion KL-f8 VAE (SPEC 5): load from a folder, a hub id or one original-layout file; encode to moments."""
+
+import hashlib
+import json
+import os
+import tempfile
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+# diffusers config of the original SD KL-f8 autoencoder (U-ViT's autoencoder_kl.pth, sd-vae-ft-*). It lets
+# from_single_file convert an original-layout file offline instead of fetching a config from the hub.
+SD_KL_F8_CONFIG = {
+    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "act_fn": "silu",
+    "norm_num_groups": 32, "sample_size": 256, "scaling_factor": 0.18215,
+}
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_state_dict(module: torch.nn.Module) -> str:
+    """Content hash of the weights (names, shapes, fp32 bytes) when no weight file can be located."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(f"{k}:{tuple(v.shape)}".encode())
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _folder_weights(folder: str):
+    for name in WEIGHT_FILES:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def _hub_weights(repo_id: str, subfolder: str):
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for name in WEIGHT_FILES:
+        found = try_to_load_from_cache(repo_id, f"{subfolder}/{name}" if subfolder else name)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def load_vae(spec: str, dtype: str = "fp32", device="cpu", subfolder: str = None, config: str = None):
+    """Load a diffusers AutoencoderKL and describe it.
+
+    spec: a diffusers folder (config.json + weights, or a pipeline folder with vae/), a single
+    original-layout SD VAE file (.safetensors/.ckpt/.pt/.pth; converted by from_single_file with
+    `config` or the built-in SD KL-f8 config), or a hub id (needs the hub or its cache).
+    Returns (vae in eval mode on device, info dict with id, sha256, hash_of, dtype, latent_channels,
+    downsample, scaling_factor).
+    """
+    from diffusers import AutoencoderKL
+
+    if dtype not in DTYPES:
+        raise ValueError(f"VAE dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPES[dtype]
+    weights = None
+    if os.path.isfile(spec):
+        if not spec.endswith(SINGLE_FILE_SUFFIXES):
+            raise ValueError(f"VAE file {spec} should end in one of {SINGLE_FILE_SUFFIXES}")
+        vae = _from_single_file(AutoencoderKL, spec, config, torch_dtype)
+        weights, vae_id = spec, os.path.abspath(spec)
+    elif os.path.isdir(spec):
+        if subfolder is None and not os.path.isfile(os.path.join(spec, "config.json")) \
+                and os.path.isfile(os.path.join(spec, "vae", "config.json")):
+            subfolder = "vae"  # a whole SD pipeline folder
+        folder = os.path.join(spec, subfolder) if subfolder else spec
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise FileNotFoundError(f"VAE folder {folder} has no config.json (expected a diffusers AutoencoderKL folder)")
+        vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch_dtype)
+        weights, vae_id = _folder_weights(folder), os.path.abspath(folder)
+    else:
+        vae = AutoencoderKL.from_pretrained(spec, subfolder=subfolder, torch_dtype=torch_dtype)
+        weights, vae_id = _hub_weights(spec, subfolder), spec + (f"/{subfolder}" if subfolder else "")
+    vae = vae.to(device).eval().requires_grad_(False)
+    cfg = vae.config
+    info = {
+        "id": vae_id,
+        "sha256": sha256_file(weights) if weights else sha256_state_dict(vae),
+        "hash_of": "file" if weights else "state_dict",
+        "dtype": dtype,
+        "latent_channels": int(cfg.latent_channels),
+        "downsample": 2 ** (len(cfg.block_out_channels) - 1),
+        "scaling_factor": float(cfg.scaling_factor),
+    }
+    return vae, info
+
+
+def _from_single_file(cls, path, config, torch_dtype):
+    if config is not None:
+        return cls.from_single_file(path, config=config, torch_dtype=torch_dtype, local_files_only=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(SD_KL_F8_CONFIG, f)
+        return cls.from_single_file(path, config=tmp, torch_dtype=torch_dtype, local_files_only=True)
+
+
+@torch.inference_mode()
+def encode_moments(vae, x: torch.Tensor) -> torch.Tensor:
+    """x float (B, 3, H, W) in [-1, 1] -> posterior moments float32 (B, 2C, H/f, W/f): the mean, then
+    the log-variance, which diffusers already clamps to [-30, 20] (the clamp sample_latent applies)."""
+    dist = vae.encode(x.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return torch.cat([dist.mean.float(), dist.logvar.float()], dim=1)

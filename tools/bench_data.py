@@ -1,0 +1,120 @@
+"""Data pipeline throughput: VAE encode images/s (decode + ADM crop + encode + Arrow write) and latent-cache
+loader samples/s, on a generated image folder. Prints one JSON line; see docs/bench_data.md.
+
+  python tools/bench_data.py                                  # tiny VAE, 32 px, CPU
+  python tools/bench_data.py --vae /models/sd-vae-ft-mse --resolution 256 --device cuda --images 4096
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+try:
+    import maskdit_ds  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+import torch
+from PIL import Image
+
+from maskdit_ds.data.latent_cache import LatentCache, encode_to_cache, sample_latent
+from maskdit_ds.data.sources import ImageFolderSource
+from maskdit_ds.data.vae import encode_moments, load_vae
+
+
+def make_images(root: str, n: int, resolution: int, classes: int = 10) -> None:
+    """JPEGs 1.5x the crop size (so the ADM resize does real work), spread over `classes` folders."""
+    rng = np.random.default_rng(0)
+    side = int(resolution * 1.5)
+    for i in range(n):
+        d = os.path.join(root, f"class{i % classes:03d}")
+        os.makedirs(d, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (side, side + side // 3, 3), dtype=np.uint8)).save(
+            os.path.join(d, f"{i:06d}.jpg"), quality=90)
+
+
+def tiny_vae_folder(path: str) -> str:
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(latent_channels=4, layers_per_block=1, norm_num_groups=32, block_out_channels=(32, 64, 64, 64),
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  scaling_factor=0.18215).save_pretrained(path)
+    return path
+
+
+def bench_vae_only(vae, resolution, batch_size, device, repeats=5) -> float:
+    x = torch.rand(batch_size, 3, resolution, resolution, device=device) * 2 - 1
+    encode_moments(vae, x)  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.time()
+    for _ in range(repeats):
+        encode_moments(vae, x)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return batch_size * repeats / (time.time() - t)
+
+
+def bench_loader(cache, batch_size, workers, batches) -> dict:
+    loader = torch.utils.data.DataLoader(cache, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         drop_last=True, persistent_workers=workers > 0)
+    seen, t, it = 0, None, iter(loader)
+    for step in range(batches + 1):
+        try:
+            b = next(it)
+        except StopIteration:
+            it = iter(loader)
+            b = next(it)
+        sample_latent(b["x"])
+        if step == 0:
+            t = time.time()  # exclude worker start-up
+        else:
+            seen += len(b["y"])
+    return {"loader_samples_per_s": seen / (time.time() - t), "loader_batch": batch_size, "loader_workers": workers}
+
+
+def main(argv=None) -> int:
+    import datasets
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=512)
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--vae", default=None, help="VAE spec (default: a tiny random 4-block AutoencoderKL, x8)")
+    p.add_argument("--vae-dtype", default="fp32", choices=("fp16", "bf16", "fp32"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=1, help="decode workers for encoding")
+    p.add_argument("--flip", action="store_true")
+    p.add_argument("--loader-batch", type=int, default=256)
+    p.add_argument("--loader-workers", type=int, default=1)
+    p.add_argument("--loader-batches", type=int, default=50)
+    p.add_argument("--workdir", default=None, help="where to put images and the cache (default: a temp dir)")
+    args = p.parse_args(argv)
+    datasets.disable_progress_bars()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or tmp
+        make_images(os.path.join(work, "images"), args.images, args.resolution)
+        spec = args.vae or tiny_vae_folder(os.path.join(work, "tiny_vae"))
+        vae, info = load_vae(spec, args.vae_dtype, args.device)
+        result = {"device": args.device, "torch_threads": torch.get_num_threads(), "resolution": args.resolution,
+                  "vae": "tiny 4-block (random)" if args.vae is None else info["id"], "vae_dtype": args.vae_dtype,
+                  "images": args.images, "batch_size": args.batch_size, "decode_workers": args.num_workers}
+        result["vae_encode_only_images_per_s"] = bench_vae_only(vae, args.resolution, args.batch_size, args.device)
+        out = os.path.join(work, "cache")
+        t = time.time()
+        r = encode_to_cache(ImageFolderSource(os.path.join(work, "images")), vae, info, out, args.resolution,
+                            args.flip, "float16", shard_size=1024, batch_size=args.batch_size,
+                            num_workers=args.num_workers, rank=0, world_size=1, progress=False)
+        result["cache_images_per_s"] = r["images_per_s"]  # decode + crop + encode + shard writes
+        result["cache_seconds_with_validation"] = time.time() - t
+        result.update(bench_loader(LatentCache(out), args.loader_batch, args.loader_workers, args.loader_batches))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
