@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     name: str = "run"  # run directory is <out_dir>/<name>
-    out_dir: str = "runs"
+    out_dir: str = "runs"  # parent folder of run directories
     seed: int = 0  # base seed; rank r draws from seed + r (masks, noise, label dropout)
 
 
@@ -32,8 +32,8 @@ class ModelConfig:
     name: str = "MaskDiT-XL/2"  # a key of maskdit_ds.model.registry.MODELS
     input_size: int = 32  # spatial size the network sees (latent: image resolution / 8)
     in_channels: int = 4  # 4 for SD latents, 1 or 3 for pixels
-    num_classes: int = 1000
-    sigma_data: float = 0.5
+    num_classes: int = 1000  # class-conditional via a bias-free Linear on one-hot labels
+    sigma_data: float = 0.5  # EDM preconditioning constant
 
 
 @dataclass
@@ -51,7 +51,7 @@ class DataConfig:
 @dataclass
 class LossConfig:
     P_mean: float = -1.2  # ln(sigma) ~ N(P_mean, P_std^2)
-    P_std: float = 1.2
+    P_std: float = 1.2  # see P_mean
     mae_weight: float = 0.1  # lambda of the MAE term on masked tokens
     label_dropout: float = 0.1  # probability of zeroing a one-hot label (for classifier-free guidance)
 
@@ -60,15 +60,17 @@ class LossConfig:
 class MaskConfig:
     ratio: float = 0.5  # fraction of tokens removed before the encoder, in [0, 1)
     schedule: str = "constant"  # constant | cosine (ratio * cos(pi/2 t)^power over the stage)
-    power: int = 4
+    power: int = 4  # exponent of the cosine decay
+    strategy: str = "random"  # random patches | block (b x b token blocks, MaskDM) | crop (one visible window)
+    block_size: int = 4  # tokens per block side for strategy=block
 
 
 @dataclass
 class OptimConfig:
     lr: float = 1e-4  # constant, no warm-up (SPEC section 4)
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.0  # none in the paper
 
 
 @dataclass
@@ -93,8 +95,8 @@ class TrainConfig:
     ema_decay: float = 0.9999  # per optimizer step, kept in fp32
     init_from: str = ""  # checkpoint dir or export folder to start from (weights + EMA + step; fresh optimizer)
     reset_ema: bool = False  # with init_from: start the EMA from the loaded weights instead of the loaded EMA
-    log_every: int = 100
-    ckpt_every: int = 5000
+    log_every: int = 100  # steps between stats.jsonl / TensorBoard / progress-bar updates
+    ckpt_every: int = 5000  # steps between resumable checkpoints (plus one at each stage end and on a signal)
     keep_last: int = 3  # resumable checkpoints kept on disk
     grid_every: int = 10000  # EMA sample grid to TensorBoard every N steps (0: off)
     max_skipped_streak: int = 100  # consecutive fp16 overflow-skipped steps that stop the run
@@ -104,12 +106,21 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     steps: int = 40  # EDM Heun steps (2 * steps - 1 network calls)
-    guidance: float = 1.5
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
+    guidance: float = 1.5  # classifier-free guidance scale (1: none)
+    sigma_min: float = 0.002  # EDM noise range and time-step spacing
+    sigma_max: float = 80.0  # see sigma_min
+    rho: float = 7.0  # see sigma_min
     final_samples: int = 0  # after training, sample this many images with the EMA into samples.npz (0: off)
-    grid_size: int = 16
+    grid_size: int = 16  # images in the TensorBoard sample grid
+
+
+@dataclass
+class EvalConfig:
+    fid_every: int = 0  # every N steps sample fid_samples images with the EMA and log FID to TensorBoard (0: off)
+    fid_samples: int = 2000  # images per in-training FID (spread over ranks, one seed each)
+    fid_ref: str = ""  # reference .npz (ADM layout, or made by `tools/eval_fid.py ref`)
+    inception_weights: str = ""  # pt_inception-2015-12-05-6726825d.pth
+    inception_sha256: str = ""  # expected hash of inception_weights; empty: the official file's hash
 
 
 @dataclass
@@ -128,6 +139,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
@@ -146,6 +158,11 @@ def _coerce(key: str, value, annotation):
     kind = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}[annotation]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 2e-4 (no dot) as a string
+        except ValueError:
+            pass
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # run.name=123 on the command line
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
@@ -261,8 +278,18 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(cfg: Config, world_size: int = 1) -> None:
-    """Every error names its key. Run before anything heavy starts (and for each stage)."""
+def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list[str]:
+    """Every error names its key. Run before anything heavy starts (and for each stage).
+
+    check_paths=False (--dry-run on a machine without the data) turns missing paths into returned warnings.
+    """
+    warnings: list[str] = []
+
+    def check_path(key: str, value: str) -> None:
+        if not Path(value).exists():
+            _check(not check_paths, f"{key}: {value} does not exist")
+            warnings.append(f"{key}: {value} does not exist here")
+
     from .model.registry import MODELS
 
     m, d, t = cfg.model, cfg.data, cfg.train
@@ -275,7 +302,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
            f"data.source: {d.source!r} is not one of latents, digits, images, hf")
     if d.source != "digits":
         _check(bool(d.path), f"data.path: required for data.source={d.source}")
-        _check(Path(d.path).exists(), f"data.path: {d.path} does not exist")
+        if d.source != "hf":  # hf also takes a hub dataset name
+            check_path("data.path", d.path)
     if d.source == "latents":
         _check(d.resolution == m.input_size * 8,
                f"data.resolution: {d.resolution} px latents are {d.resolution // 8}x{d.resolution // 8}, "
@@ -283,6 +311,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(0 < d.fraction <= 1, f"data.fraction: {d.fraction} must be in (0, 1]")
     _check(0 <= cfg.mask.ratio < 1, f"mask.ratio: {cfg.mask.ratio} must be in [0, 1)")
     _check(cfg.mask.schedule in ("constant", "cosine"), f"mask.schedule: {cfg.mask.schedule!r} not constant|cosine")
+    _check(cfg.mask.strategy in ("random", "block", "crop"),
+           f"mask.strategy: {cfg.mask.strategy!r} is not one of random, block, crop")
+    _check(cfg.mask.block_size > 0, f"mask.block_size: {cfg.mask.block_size} must be positive")
     _check(0 <= cfg.loss.label_dropout < 1, f"loss.label_dropout: {cfg.loss.label_dropout} must be in [0, 1)")
     _check(cfg.optim.lr > 0, f"optim.lr: {cfg.optim.lr} must be positive")
     _check(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
@@ -298,15 +329,21 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(t.log_every > 0 and t.ckpt_every > 0 and t.keep_last > 0,
            "train.log_every, train.ckpt_every and train.keep_last must be positive")
     if t.init_from:
-        _check(Path(t.init_from).exists(), f"train.init_from: {t.init_from} does not exist")
+        check_path("train.init_from", t.init_from)
+    if cfg.eval.fid_every:
+        _check(cfg.eval.fid_samples > 0, f"eval.fid_samples: {cfg.eval.fid_samples} must be positive")
+        for key in ("fid_ref", "inception_weights"):
+            _check(bool(getattr(cfg.eval, key)), f"eval.{key}: required when eval.fid_every > 0")
+            check_path(f"eval.{key}", getattr(cfg.eval, key))
     stages = stages_of(cfg)
     _check(all(s.steps > 0 for s in stages), "train.steps (or every train.stages[i].steps) must be positive")
     if cfg.train.stages:
         for i, stage in enumerate(stages):
             try:
-                validate(stage_config(cfg, stage), world_size)
+                warnings += validate(stage_config(cfg, stage), world_size, check_paths)
             except ConfigError as err:
                 raise ConfigError(f"train.stages[{i}] ({stage.name}): {err}") from None
+    return sorted(set(warnings))
 
 
 def grad_accum(cfg: Config, world_size: int) -> int:
@@ -330,3 +367,27 @@ def save_config(cfg: Config, path: Path) -> None:
 
 def dumps(cfg: Config) -> str:
     return json.dumps(cfg.to_dict(), indent=2)
+
+
+def key_reference() -> str:
+    """Markdown table of every config key with its default and the comment at its declaration (for README)."""
+    import inspect
+    import re
+
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for section in dataclasses.fields(Config):
+        cls = type(getattr(Config(), section.name))
+        comments = {}
+        for line in inspect.getsource(cls).splitlines():
+            match = re.match(r"\s+(\w+): [^=]+=.*?(?:#\s*(.*))?$", line)
+            if match:
+                comments[match.group(1)] = match.group(2) or ""
+        for f in dataclasses.fields(cls):
+            default = getattr(cls(), f.name)
+            meaning = comments.get(f.name, "").replace("|", "/")
+            rows.append(f"| `{section.name}.{f.name}` | `{json.dumps(default)}` | {meaning} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(key_reference())

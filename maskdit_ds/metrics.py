@@ -17,7 +17,8 @@ GPU_PEAKS = {"A100": {"half": 312.0, "fp32": 156.0}, "H100": {"half": 989.0, "fp
 def measured_cpu_peak(precision: str) -> float:
     """A CPU has no data-sheet peak we can trust: time a 1024^3 GEMM in the run's dtype (best of 5)."""
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-    a = torch.randn(1024, 1024, dtype=dtype)
+    # Its own generator: drawing from the global RNG here would shift the training noise after a resume.
+    a = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)).to(dtype)
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()

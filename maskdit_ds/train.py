@@ -24,6 +24,8 @@ from .engine import Engine, build_ds_config, consolidated_fp32_state, init_distr
 from .loss import MaskedEDMLoss
 from .metrics import RunLogger, Throughput, device_peak_tflops
 from .model import build_denoiser, get_size, train_flops
+from .model.masking import make_mask
+from .reshard import resume_source
 from .sample import SamplerConfig, generate, image_grid, to_uint8
 from .schedules import ema_update, mask_ratio_at
 
@@ -53,12 +55,22 @@ class Preemption:
     def _handle(self, signum, frame):
         self.requested = True
 
+    def exiting(self):
+        """Saved; only exit 75 is left. `srun --kill-on-bad-exit` SIGTERMs the other ranks as soon as the first one
+        exits 75, and Python's shutdown restores the default (fatal) handlers, so a rank still shutting down would
+        end 143; ignoring TERM/USR1 from here keeps every rank's code 75 (SLURM SIGKILLs after KillWait anyway)."""
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
 
 # ---------------------------------------------------------------- state that must survive a resume
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG as tensors, ints and tuples only, so that train_state files load with weights_only=True."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -66,7 +78,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if torch.cuda.is_available() and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
@@ -130,14 +143,14 @@ def init_from(path: Path, net, ema, state: TrainState, reset_ema: bool) -> dict:
     net.load_state_dict(weights)
     ema.load_state_dict(weights if reset_ema else ema_weights)
     state.step, state.images_seen = int(prior["step"]), int(prior.get("images_seen", 0))
-    return {"init_from": str(path), "step": state.step, "ema": "reset" if reset_ema else "continued"}
+    return {"checkpoint": str(path), "step": state.step, "ema": "reset" if reset_ema else "continued"}
 
 
 # ---------------------------------------------------------------- one stage
 
 
 def run_stage(cfg: Config, steps: int, engine: Engine, ema, loader: ResumableLoader, state: TrainState,
-              logger: RunLogger, preemption: Preemption, total_steps: int) -> int | None:
+              logger: RunLogger, preemption: Preemption, total_steps: int, fid_monitor=None) -> int | None:
     """Train until the stage has `steps` optimizer steps. Returns EXIT_PREEMPTED if stopped by a signal."""
     device, world = dist.device(), dist.world_size()
     size = get_size(cfg.model.name)
@@ -155,7 +168,8 @@ def run_stage(cfg: Config, steps: int, engine: Engine, ema, loader: ResumableLoa
         for _ in range(accum):  # DeepSpeed applies the optimizer on the last micro-batch
             batch = next(batches)
             x = to_model_input(batch["x"].to(device, non_blocking=True), cfg.data)
-            loss, parts = loss_fn(engine, x, batch["y"].to(device, non_blocking=True), ratio)
+            mask = structured_mask(cfg, x.shape[0], ratio, device)
+            loss, parts = loss_fn(engine, x, batch["y"].to(device, non_blocking=True), ratio, mask=mask)
             engine.backward(loss.mean())
             engine.step()
             for key, value in (("loss", loss.detach()), *parts.items()):
@@ -180,14 +194,25 @@ def run_stage(cfg: Config, steps: int, engine: Engine, ema, loader: ResumableLoa
             sums.clear()
         if cfg.train.grid_every and state.step % cfg.train.grid_every == 0:
             log_grid(cfg, ema, logger, state.step)
+        if fid_monitor is not None and fid_monitor.due(state.step):  # collective: every rank samples its share
+            logger.scalars(state.step, {"fid": fid_monitor(state.step, ema)})
         stop = dist.any_rank(preemption.requested)
         if state.step % cfg.train.ckpt_every == 0 or last or stop:
             save_checkpoint(engine, ema, state, loader, cfg, logger)
         logger.advance()
         if stop:
             logger.message(f"[preempt] signal received: saved step {state.step}, exiting {EXIT_PREEMPTED}")
+            preemption.exiting()
             return EXIT_PREEMPTED
     return None
+
+
+def structured_mask(cfg: Config, n: int, ratio: float, device):
+    """Random masks are drawn inside the model; block and crop masks are made here and passed in (N, L)."""
+    if cfg.mask.strategy == "random" or ratio <= 0:
+        return None
+    grid = cfg.model.input_size // get_size(cfg.model.name).patch_size
+    return make_mask(cfg.mask.strategy, n, grid, ratio, cfg.mask.block_size, device=device).mask
 
 
 def log_window(cfg, engine, state, sums, ratio, meter, logger, loader) -> None:
@@ -298,8 +323,11 @@ def yaml_dump(values: dict) -> str:
 
 
 def dry_run(cfg: Config, world: int) -> int:
-    validate(cfg, world)
+    """Validate, print and save the config and the final DeepSpeed configs; start nothing."""
+    warnings = validate(cfg, world, check_paths=False)
     print(describe(cfg, world), flush=True)
+    for warning in warnings:
+        print(f"warning: {warning}", flush=True)
     return 0
 
 
@@ -325,22 +353,31 @@ def train(cfg: Config) -> int:
     ema = copy.deepcopy(net).to(device).eval().requires_grad_(False)
     state, resume = TrainState(), dist.all_gather_objects(
         ckpt.latest_good_tag(cfg.run_dir / "checkpoints", warn=dist.print0) if dist.is_main() else None)[0]
-    resumed = None
+    resumed, ds_tag, universal = None, resume, False
     if resume:
         tag_dir = cfg.run_dir / "checkpoints" / resume
-        resumed = ckpt.load_rank_state(tag_dir, rank)
+        # Saved on another world size: rank 0 makes <tag>/universal (DeepSpeed universal checkpoint + per-rank
+        # states for this world size) once; every rank then loads from there.
+        state_dir, ds_tag, universal = resume_source(tag_dir, world)
+        resumed = ckpt.load_rank_state(state_dir, rank)
         state = TrainState(**resumed["train"])
         ema.load_state_dict(load_file(str(tag_dir / "ema.safetensors")))
-        dist.print0(f"[resume] from {tag_dir} (step {state.step}, stage {state.stage})")
+        dist.print0(f"[resume] from {tag_dir} (step {state.step}, stage {state.stage})"
+                    + (f", resharded to {world} ranks via {state_dir}" if universal else ""))
     elif cfg.train.init_from:
         record = init_from(Path(cfg.train.init_from), net, ema, state, cfg.train.reset_ema)
         if dist.is_main():
-            ckpt.atomic_write_text(cfg.run_dir / "lineage.json", json.dumps({**record, **lineage(cfg)}, indent=2))
+            ckpt.atomic_write_text(cfg.run_dir / "lineage.json", json.dumps({**lineage(cfg), **record}, indent=2))
         dist.print0(f"[init] {record}")
 
     total = state.step - state.stage_step + sum(s.steps for s in stages[state.stage :])
     logger = RunLogger(cfg.run_dir, dist.is_main(), total_steps=total, start_step=state.step)
     preemption = Preemption()
+    fid_monitor = None
+    if cfg.eval.fid_every:  # fails on every rank, before training, if weights or reference are wrong
+        from .fid_monitor import FIDMonitor
+
+        fid_monitor = FIDMonitor(cfg)
     # 4. Stages: a new engine at each boundary (precision, optimizer and lr may change; the EMA continues).
     data_state = resumed["data"] if resumed else None  # the data position carries across stages
     for index in range(state.stage, len(stages)):
@@ -349,14 +386,15 @@ def train(cfg: Config) -> int:
                                  num_workers=scfg.data.num_workers, pin_memory=torch.cuda.is_available())
         if data_state:
             loader.load_state_dict(data_state)
-        engine = Engine(net.to(device), scfg, world)
+        engine = Engine(net.to(device), scfg, world, load_universal=universal and resumed is not None)
         if resumed is not None:  # only the stage we resumed in loads DeepSpeed state
-            engine.load(cfg.run_dir / "checkpoints", resume)
+            engine.load(cfg.run_dir / "checkpoints", ds_tag)
             set_rng_state(resumed["rng"])
             resumed = None
         logger.message(f"[stage {index}] {stages[index].name}: {stages[index].steps} steps, "
                        f"{scfg.engine.precision}, mask ratio {scfg.mask.ratio}, lr {scfg.optim.lr}")
-        code = run_stage(scfg, stages[index].steps, engine, ema, loader, state, logger, preemption, total)
+        code = run_stage(scfg, stages[index].steps, engine, ema, loader, state, logger, preemption, total,
+                         fid_monitor)
         if code is not None:
             logger.close()
             return code

@@ -9,7 +9,14 @@ from .registry import MODELS, ModelSize, get_size
 def build_denoiser(model_cfg) -> EDMPrecond:
     """model_cfg: a config.ModelConfig (or anything with name, input_size, in_channels, num_classes, sigma_data)."""
     size = get_size(model_cfg.name)
-    net = MaskDiT(size, model_cfg.input_size, model_cfg.in_channels, model_cfg.num_classes)
+    if size.backbone == "maskdit":
+        net = MaskDiT(size, model_cfg.input_size, model_cfg.in_channels, model_cfg.num_classes)
+    elif size.backbone == "uvit":
+        from .uvit import UViT
+
+        net = UViT(size, model_cfg.input_size, model_cfg.in_channels, model_cfg.num_classes)
+    else:
+        raise ValueError(f"model {model_cfg.name}: unknown backbone {size.backbone!r}")
     return EDMPrecond(net, sigma_data=model_cfg.sigma_data)
 
 

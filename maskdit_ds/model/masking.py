@@ -55,3 +55,41 @@ def record_from_mask(mask: torch.Tensor) -> MaskRecord:
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """x (N, L, D), ids (N, K) -> (N, K, D)."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+STRATEGIES = ("random", "block", "crop")
+
+
+def block_mask(n: int, grid: int, ratio: float, block: int, device=None, generator=None) -> MaskRecord:
+    """MaskDM's structured masks: b x b token blocks become visible in a random order until floor(L (1 - r))
+    tokens are visible; the last block may be partly visible so every sample keeps exactly that many."""
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    per_row = -(-grid // block)  # ceil: edge blocks may be smaller
+    block_id = ((rows // block) * per_row + cols // block).flatten().to(device)  # (L,)
+    block_rank = torch.argsort(torch.rand(n, per_row**2, device=device, generator=generator), dim=1).argsort(dim=1)
+    # Integer rank orders blocks; the jitter in [0, 1) shuffles tokens inside a block without crossing blocks.
+    key = block_rank[:, block_id] * 2.0 + torch.rand(n, grid * grid, device=device, generator=generator)
+    return record_from_order(torch.argsort(key, dim=1), num_kept(grid * grid, ratio))
+
+
+def crop_mask(n: int, grid: int, ratio: float, device=None, generator=None) -> MaskRecord:
+    """One square window stays visible: side floor(sqrt(L (1 - r))) tokens, at a uniform random position."""
+    side = max(1, math.floor(math.sqrt(grid * grid * (1.0 - ratio)) + 1e-6))
+    top = torch.randint(0, grid - side + 1, (n, 1, 1), device=device, generator=generator)
+    left = torch.randint(0, grid - side + 1, (n, 1, 1), device=device, generator=generator)
+    idx = torch.arange(grid, device=device)
+    inside = ((idx.view(1, -1, 1) >= top) & (idx.view(1, -1, 1) < top + side)
+              & (idx.view(1, 1, -1) >= left) & (idx.view(1, 1, -1) < left + side))  # (N, g, g)
+    return record_from_mask((~inside).flatten(1).float())
+
+
+def make_mask(strategy: str, n: int, grid: int, ratio: float, block: int = 4, device=None,
+              generator=None) -> MaskRecord:
+    """Visible tokens per sample: random and block keep floor(L (1 - r)); crop keeps floor(sqrt(L (1 - r)))^2."""
+    if strategy == "random":
+        return random_mask(n, grid * grid, ratio, device=device, generator=generator)
+    if strategy == "block":
+        return block_mask(n, grid, ratio, block, device=device, generator=generator)
+    if strategy == "crop":
+        return crop_mask(n, grid, ratio, device=device, generator=generator)
+    raise ValueError(f"unknown mask strategy {strategy!r}; use one of {STRATEGIES}")

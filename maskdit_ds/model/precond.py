@@ -38,7 +38,7 @@ class EDMPrecond(nn.Module):
         c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
         c_in = 1 / (sigma**2 + sd**2).sqrt()
         c_noise = sigma.log().flatten() / 4
-        trunk_dtype = self.model.x_embedder.proj.weight.dtype
+        trunk_dtype = next(self.model.parameters()).dtype
         y = self.onehot(class_labels, x.shape[0], x.device)
         out, record = self.model((c_in * x).to(trunk_dtype), c_noise, y, mask_ratio=mask_ratio, mask=mask)
         denoised = c_skip * x + c_out * out.float()

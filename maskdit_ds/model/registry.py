@@ -16,6 +16,7 @@ class ModelSize:
     decoder_hidden: int = 512
     decoder_heads: int = 16
     mlp_ratio: float = 4.0
+    backbone: str = "maskdit"  # maskdit (encoder-decoder) | uvit (long skips, MaskDM), see model/__init__.py
 
 
 _PAPER = {  # name: (encoder depth, width, heads)
@@ -34,6 +35,18 @@ MODELS: dict[str, ModelSize] = {
 # Small sizes for tests, the built-in example and CPU benchmarks (not from the paper).
 MODELS["MaskDiT-T/2"] = ModelSize(2, 64, 4, 2, decoder_depth=1, decoder_hidden=32, decoder_heads=4)
 MODELS["MaskDiT-Digits/2"] = ModelSize(4, 128, 4, 2, decoder_depth=2, decoder_hidden=64, decoder_heads=4)  # 1.5M
+
+# U-ViT backbone (MaskDM, SPEC section 9): U-ViT's own sizes (Bao et al. 2023: S 13x512, M 17x768, L 21x1024),
+# with the same light MAE-style decoder as MaskDiT, plus tiny sizes for tests and the digits demo.
+_UVIT = {"S": (13, 512, 8), "M": (17, 768, 12), "L": (21, 1024, 16)}
+MODELS.update({
+    f"UViT-{name}/{patch}": ModelSize(depth, width, heads, patch, backbone="uvit")
+    for name, (depth, width, heads) in _UVIT.items()
+    for patch in (2, 4, 8)
+})
+MODELS["UViT-T/2"] = ModelSize(3, 64, 4, 2, decoder_depth=1, decoder_hidden=32, decoder_heads=4, backbone="uvit")
+MODELS["UViT-Digits/2"] = ModelSize(4, 128, 4, 2, decoder_depth=2, decoder_hidden=64, decoder_heads=4,
+                                    backbone="uvit")
 
 
 def get_size(name: str) -> ModelSize:

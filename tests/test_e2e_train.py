@@ -1,0 +1,100 @@
+"""End to end with the real `deepspeed` launcher on 2 CPU ranks: fp16 masked phase, fp32 tuning from it, and
+resume after a kill or a preemption signal giving exactly the losses of an uninterrupted run."""
+import json
+import signal
+
+import psutil
+import pytest
+import torch
+
+import maskdit_ds
+from maskdit_ds.checkpoint import check_tag, list_tags
+
+from _launch import kill_group, start, stats, train, wait_for_step
+
+FP16 = {"MASKDIT_ALLOW_CPU_FP16": "1"}  # this CPU lacks native fp16: run DeepSpeed's fp16 path on emulated kernels
+
+
+def losses_by_step(run_dir):
+    return {s["step"]: s["loss"] for s in stats(run_dir)}  # later lines (after a resume) win
+
+
+@pytest.fixture(scope="module")
+def masked_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    proc = train(out, "masked", ["engine.precision=fp16", "mask.ratio=0.5", "train.steps=4", "train.ckpt_every=2",
+                                 "optim.lr=1e-3"], **FP16)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return out / "masked"
+
+
+def test_fp16_masked_phase_trains_and_checkpoints(masked_run):
+    rows = stats(masked_run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["mask_ratio"] == 0.5 and r["mae"] > 0 and r["loss"] == r["loss"] for r in rows)
+    assert rows[0]["loss_scale"] > 1  # dynamic loss scaling is active
+    for key in ("images_per_s", "tflops", "mfu", "peak_mem_gb"):
+        assert rows[-1][key] > 0
+    tags = list_tags(masked_run / "checkpoints")
+    assert tags == ["step_0000002", "step_0000004"] and all(check_tag(masked_run / "checkpoints" / t) is None
+                                                            for t in tags)
+    files = {p.name for p in (masked_run / "checkpoints" / "step_0000004").iterdir()}
+    assert {"train_state_rank000.pt", "train_state_rank001.pt", "ema.safetensors", "complete.json"} <= files
+    config = json.loads((masked_run / "export" / "step_0000004" / "config.json").read_text())
+    assert config["step"] == 4 and config["model"]["name"] == "MaskDiT-T/2"
+    net = maskdit_ds.load_pretrained(masked_run)  # newest export, no DeepSpeed involved
+    x = torch.randn(2, 1, 16, 16)
+    out = net(x, torch.tensor([1.0, 2.0]), torch.tensor([3, 4]))
+    assert out.shape == x.shape and torch.isfinite(out).all() and not net.training
+
+
+def test_fp32_tuning_starts_from_masked_checkpoint(masked_run, tmp_path):
+    proc = train(tmp_path, "tune", ["engine.precision=fp32", "mask.ratio=0.0", "optim.lr=5e-5", "train.steps=3",
+                                    "train.ckpt_every=3", f"train.init_from={masked_run}"])
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    rows = stats(tmp_path / "tune")
+    assert [r["step"] for r in rows] == [5, 6, 7]  # the step count continues
+    assert all(r["mask_ratio"] == 0 and r["mae"] == 0 and r["lr"] == 5e-5 and r["loss_scale"] == 1 for r in rows)
+    lineage = json.loads((tmp_path / "tune" / "lineage.json").read_text())
+    assert lineage["checkpoint"].endswith("step_0000004") and lineage["step"] == 4 and lineage["ema"] == "continued"
+    assert lineage["init_from"] == str(masked_run) and lineage["data"]["source"] == "digits"
+    exported = json.loads((tmp_path / "tune" / "export" / "step_0000007" / "config.json").read_text())
+    assert exported["lineage"]["init_from"] == str(masked_run)
+
+
+RESUME = ["engine.precision=fp16", "train.steps=8", "train.ckpt_every=3", "optim.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    proc = train(out, "whole", RESUME, **FP16)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return losses_by_step(out / "whole")
+
+
+def test_kill_and_resume_gives_identical_losses(uninterrupted, tmp_path):
+    proc = start(tmp_path, "killed", RESUME, **FP16)
+    wait_for_step(tmp_path / "killed", 5, proc)
+    kill_group(proc)  # SIGKILL: nothing gets to save; resume falls back to the step-3 checkpoint
+    assert max(losses_by_step(tmp_path / "killed")) < 8
+    again = train(tmp_path, "killed", RESUME, **FP16)
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert "[resume] from" in again.stdout
+    assert losses_by_step(tmp_path / "killed") == uninterrupted
+
+
+def test_preemption_signal_saves_and_resumes_identically(uninterrupted, tmp_path):
+    proc = start(tmp_path, "preempted", RESUME, **FP16)
+    wait_for_step(tmp_path / "preempted", 4, proc)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank" in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    for p in ranks:  # what srun does with --signal=USR1@T: the signal goes to every task
+        p.send_signal(signal.SIGUSR1)
+    output = proc.communicate(timeout=120)[0]
+    assert all(p.wait(timeout=30) == 75 for p in ranks if p.is_running()) or "exiting 75" in output, output[-3000:]
+    stopped = max(losses_by_step(tmp_path / "preempted"))
+    assert stopped < 8 and check_tag(tmp_path / "preempted" / "checkpoints" / f"step_{stopped:07d}") is None
+    again = train(tmp_path, "preempted", RESUME, **FP16)
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert losses_by_step(tmp_path / "preempted") == uninterrupted
