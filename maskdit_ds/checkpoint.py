@@ -1,11 +1,13 @@
 """Checkpoints: resumable DeepSpeed tags with per-rank training state, and EMA exports (safetensors + config.json).
 
 A tag directory is trusted only once `complete.json` (written last, atomically, after every rank saved) lists
-each file with its size; auto-resume skips tags that fail that check, so a killed save never poisons a resume.
+each file with its size and sha256; auto-resume skips tags that fail that check (with a warning), so a killed
+save or a truncated or corrupted file never poisons a resume.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -37,33 +39,48 @@ def list_tags(ckpt_dir: Path) -> list[str]:
     return sorted(tags, key=step_of)
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_manifest(tag_dir: Path, meta: dict) -> None:
-    files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
-             if p.is_file() and p.name != MANIFEST}
-    atomic_write_text(tag_dir / MANIFEST, json.dumps({"files": files, **meta}, indent=1))
+    """complete.json, written last: each file's size (checked on every scan) and sha256 (checked on resume)."""
+    paths = [p for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in paths}
+    digests = {str(p.relative_to(tag_dir)): file_sha256(p) for p in paths}
+    atomic_write_text(tag_dir / MANIFEST, json.dumps({"files": files, "sha256": digests, **meta}, indent=1))
 
 
-def check_tag(tag_dir: Path) -> str | None:
-    """None when the tag is complete; otherwise why it is not."""
-    manifest = tag_dir / MANIFEST
+def check_tag(tag_dir: Path, verify_hashes: bool = False) -> str | None:
+    """None when the tag is complete; otherwise why it is not. Sizes always; sha256 (reads every byte) on request."""
+    manifest = Path(tag_dir) / MANIFEST
     if not manifest.is_file():
         return "no complete.json (the save did not finish)"
     try:
-        files = json.loads(manifest.read_text())["files"]
+        record = json.loads(manifest.read_text())
+        files = record["files"]
     except (ValueError, KeyError) as err:
         return f"unreadable complete.json ({err})"
     for rel, size in files.items():
-        path = tag_dir / rel
+        path = Path(tag_dir) / rel
         if not path.is_file():
             return f"missing {rel}"
         if path.stat().st_size != size:
             return f"{rel} has {path.stat().st_size} bytes, expected {size} (truncated?)"
+    for rel, digest in (record.get("sha256", {}) if verify_hashes else {}).items():
+        if file_sha256(Path(tag_dir) / rel) != digest:
+            return f"{rel} does not match the sha256 recorded in {MANIFEST} (corrupted after the save?)"
     return None
 
 
 def latest_good_tag(ckpt_dir: Path, warn=print) -> str | None:
+    """Newest tag that passes the size and hash checks; each skipped tag is reported through `warn`."""
     for tag in reversed(list_tags(ckpt_dir)):
-        problem = check_tag(Path(ckpt_dir) / tag)
+        problem = check_tag(Path(ckpt_dir) / tag, verify_hashes=True)
         if problem is None:
             return tag
         warn(f"[checkpoint] skipping {Path(ckpt_dir) / tag}: {problem}")
@@ -106,7 +123,8 @@ def load_rank_state(tag_dir: Path, rank: int) -> dict:
     path = rank_state_path(tag_dir, rank)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the checkpoint was written by fewer ranks than this run has")
-    return torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are numpy/tuples
+    # weights_only: a tampered run folder must not run code on resume (RNG states are stored as tensors/tuples)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def export(folder: Path, net: torch.nn.Module, model_cfg, meta: dict) -> Path:
