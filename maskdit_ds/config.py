@@ -212,13 +212,27 @@ def nest(dotted: dict) -> dict:
     return out
 
 
-def merge(base: dict, update: dict) -> dict:
+def merge(base: dict, update: dict, prefix: str = "") -> dict:
     out = copy.deepcopy(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+            out[key] = merge(out[key], value, f"{prefix}{key}.")
+        elif isinstance(value, dict) and isinstance(out.get(key), list) and value and all(
+                str(k).isdigit() for k in value):
+            out[key] = merge_list(out[key], value, f"{prefix}{key}")  # train.stages.1.steps=300
         else:
             out[key] = value
+    return out
+
+
+def merge_list(items: list, update: dict, name: str) -> list:
+    """Dotted overrides with an index (`train.stages.0.steps=100`) update that element of a list."""
+    out = copy.deepcopy(items)
+    for index, value in update.items():
+        i = int(index)
+        if i >= len(out):
+            raise ConfigError(f"{name}.{index}: index out of range, the list has {len(out)} entries")
+        out[i] = merge(out[i], value, f"{name}.{index}.") if isinstance(value, dict) and isinstance(out[i], dict) else value
     return out
 
 

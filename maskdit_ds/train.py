@@ -408,5 +408,6 @@ def train(cfg: Config) -> int:
 
     # 5. Samples from the EMA.
     final_samples(cfg, ema, logger)
+    preemption.exiting()  # the run is complete: a late SLURM signal must not turn exit 0 into 143
     logger.close()
     return 0

@@ -74,3 +74,11 @@ def test_imagenet_presets_follow_the_recipe():
     assert (tune.mask.ratio, tune.engine.precision, tune.optim.lr, tune.train.global_batch) == \
         (0.0, "fp32", 5e-5, 512)
     assert load_config("imagenet512").model.input_size == 64 and masked.train.ema_decay == 0.9999
+
+
+def test_indexed_overrides_update_one_stage():
+    default = load_config("digits")
+    cfg = load_config("digits", ["train.stages.0.steps=20"])
+    assert cfg.train.stages[0]["steps"] == 20 and cfg.train.stages[1] == default.train.stages[1]
+    with pytest.raises(ConfigError, match=r"train.stages.5: index out of range"):
+        load_config("digits", ["train.stages.5.steps=1"])
