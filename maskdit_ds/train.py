@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import random
 import signal
@@ -21,6 +22,7 @@ from . import dist
 from .config import Config, ConfigError, grad_accum, save_config, stage_config, stages_of, validate
 from .data import DigitsJudge, ResumableLoader, build_dataset, to_model_input
 from .engine import Engine, build_ds_config, consolidated_fp32_state, init_distributed
+from .generate import decode, load_decoder
 from .loss import MaskedEDMLoss
 from .metrics import RunLogger, Throughput, device_peak_tflops
 from .model import build_denoiser, get_size, train_flops
@@ -252,10 +254,14 @@ def decode_latents(latents: torch.Tensor, cfg: Config) -> torch.Tensor:
     if not cfg.data.vae:
         x = latents[:, :3].float()
         return (x / x.abs().amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)).clamp(-1, 1)
-    from .data.vae import load_vae
+    images, _ = decode(grid_vae(cfg.data.vae), latents.float(), cfg.data.latent_scale, batch=len(latents))
+    return images
 
-    vae = load_vae(cfg.data.vae).to(dist.device())
-    return vae.decode(latents.float().to(dist.device()) / cfg.data.latent_scale).sample.cpu().clamp(-1, 1)
+
+@functools.lru_cache(maxsize=1)
+def grid_vae(spec: str):
+    """The VAE for sample grids and final samples, loaded once per run."""
+    return load_decoder(spec, dist.device())[0]
 
 
 # ---------------------------------------------------------------- after training
