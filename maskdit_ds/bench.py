@@ -1,6 +1,7 @@
-"""Training-step benchmark: masked and unmasked steps interleaved in one run on the real engine (one rank).
+"""Training-step benchmark: masked and unmasked steps interleaved in one run on the real engine (one rank),
+optionally against a plain-PyTorch baseline (same network and loss, torch AdamW, autocast; no DeepSpeed).
 
-Interleaving (A B A B ...) exposes both modes to the same machine noise; we report medians per mode and ratios.
+Interleaving (A B A B ...) exposes every mode to the same machine noise; we report medians per mode and ratios.
 """
 from __future__ import annotations
 
@@ -46,6 +47,31 @@ def time_steps(engine, loss_fn, cfg, ratio: float, steps: int) -> list[float]:
     return times
 
 
+class TorchBaseline:
+    """The same step without DeepSpeed: fp32 weights, torch AdamW, autocast for bf16/fp16 (GradScaler for fp16).
+    Quotes what the engine costs or saves against the usual hand-written PyTorch loop."""
+
+    def __init__(self, net: torch.nn.Module, lr: float, precision: str):
+        self.net = net
+        fused = torch.cuda.is_available()
+        self.opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                                     fused=fused)
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        self.scaler = torch.amp.GradScaler(enabled=precision == "fp16")
+
+    def __call__(self, *args, **kwargs):
+        with torch.autocast(dist.device().type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return self.net(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> None:
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+
+
 def peak_memory(fn) -> float:
     """GPU: peak allocated during fn (GiB). CPU: the process's peak RSS so far (it only grows, so per-mode
     figures are not separable there)."""
@@ -58,39 +84,42 @@ def peak_memory(fn) -> float:
 
 
 def run(model="MaskDiT-S/2", input_size=32, channels=4, batch=16, precision="bf16", ratios=(0.5, 0.0),
-        rounds=5, steps=5, warmup=3) -> list[dict]:
+        rounds=5, steps=5, warmup=3, baseline=False) -> list[dict]:
     init_distributed()
     cfg = bench_config(model, input_size, channels, batch, precision)
     torch.manual_seed(0)
-    engine = Engine(build_denoiser(cfg.model).to(dist.device()), cfg, world_size=1)
+    runners = {"deepspeed": Engine(build_denoiser(cfg.model).to(dist.device()), cfg, world_size=1)}
+    if baseline:
+        runners["torch"] = TorchBaseline(build_denoiser(cfg.model).to(dist.device()), cfg.optim.lr, precision)
     size = get_size(model)
     loss_fn = MaskedEDMLoss(size.patch_size, cfg.model.num_classes, label_dropout=0.1)
-    times = {r: [] for r in ratios}
-    memory = {}
-    for r in ratios:
-        memory[r] = peak_memory(lambda: time_steps(engine, loss_fn, cfg, r, warmup))
+    modes = [(name, r) for name in runners for r in ratios]
+    times = {mode: [] for mode in modes}
+    memory = {mode: peak_memory(lambda: time_steps(runners[mode[0]], loss_fn, cfg, mode[1], warmup))
+              for mode in modes}
     for _ in range(rounds):
-        for r in ratios:  # interleaved, so every mode sees the same noise
-            times[r] += time_steps(engine, loss_fn, cfg, r, steps)
+        for mode in modes:  # interleaved, so every mode sees the same noise
+            times[mode] += time_steps(runners[mode[0]], loss_fn, cfg, mode[1], steps)
     peak, peak_source = device_peak_tflops(precision)
     rows = []
-    for r in ratios:
-        med = statistics.median(times[r])
+    for name, r in modes:
+        med = statistics.median(times[name, r])
         flops = train_flops(size, input_size, channels, r) * batch / med / 1e12
-        rows.append({"mask_ratio": r, "median_step_s": med, "images_per_s": batch / med, "tflops": flops,
-                     "mfu": flops / peak if peak else float("nan"), "peak_mem_gb": memory[r],
-                     "peak_source": peak_source, "steps_timed": len(times[r])})
-    base = next((row for row in rows if row["mask_ratio"] == 0.0), rows[-1])
+        rows.append({"runner": name, "mask_ratio": r, "median_step_s": med, "images_per_s": batch / med,
+                     "tflops": flops, "mfu": flops / peak if peak else float("nan"),
+                     "peak_mem_gb": memory[name, r], "peak_source": peak_source,
+                     "steps_timed": len(times[name, r])})
+    base = next((row for row in rows if row["mask_ratio"] == 0.0 and row["runner"] == "deepspeed"), rows[-1])
     for row in rows:
         row["speedup_vs_unmasked"] = base["median_step_s"] / row["median_step_s"]
     return rows
 
 
 def format_rows(rows: list[dict], header: str) -> str:
-    lines = [header, "| mask ratio | median step (s) | images/s | TFLOP/s | MFU | peak mem (GiB) | speed-up vs r=0 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [header, "| runner | mask ratio | median step (s) | images/s | TFLOP/s | MFU | peak mem (GiB) "
+                     "| speed-up vs DeepSpeed r=0 |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['mask_ratio']} | {r['median_step_s']:.4f} | {r['images_per_s']:.1f} | {r['tflops']:.3f} "
+        lines.append(f"| {r['runner']} | {r['mask_ratio']} | {r['median_step_s']:.4f} | {r['images_per_s']:.1f} | {r['tflops']:.3f} "
                      f"| {r['mfu']:.3f} | {r['peak_mem_gb']:.2f} | {r['speedup_vs_unmasked']:.2f}x |")
     lines.append(f"(MFU against: {rows[0]['peak_source']}; {rows[0]['steps_timed']} timed steps per mode, "
                  f"interleaved)")

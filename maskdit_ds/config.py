@@ -163,6 +163,11 @@ def _coerce(key: str, value, annotation):
             return float(value)  # YAML 1.1 reads 2e-4 (no dot) as a string
         except ValueError:
             pass
+    if kind is int and isinstance(value, str):
+        try:
+            return int(value)  # kept as text by parse_override ("0010")
+        except ValueError:
+            pass
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # run.name=123 on the command line
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
@@ -196,7 +201,10 @@ def parse_override(item: str) -> tuple[str, object]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and str(value) != raw.strip():
+        value = raw.strip()  # a hash like 000123 or 12e45 stays text; numeric fields convert it back
+    return key.strip(), value
 
 
 def nest(dotted: dict) -> dict:

@@ -82,3 +82,11 @@ def test_indexed_overrides_update_one_stage():
     assert cfg.train.stages[0]["steps"] == 20 and cfg.train.stages[1] == default.train.stages[1]
     with pytest.raises(ConfigError, match=r"train.stages.5: index out of range"):
         load_config("digits", ["train.stages.5.steps=1"])
+
+
+def test_overrides_keep_digit_strings_for_text_keys():
+    digits = "0" * 60 + "1234"
+    cfg = load_config("digits", [f"eval.inception_sha256={digits}", "run.name=0042", "train.steps=0100",
+                                 "optim.lr=5e-5"])
+    assert cfg.eval.inception_sha256 == digits and cfg.run.name == "0042"
+    assert cfg.train.steps == 100 and cfg.optim.lr == 5e-5

@@ -1,6 +1,6 @@
 """Time MaskDiT training steps, masked vs unmasked side by side in one run, on the real DeepSpeed engine.
 
-    python tools/benchmark.py --model MaskDiT-S/2 --input-size 32 --batch 16 --precision bf16
+    python tools/benchmark.py --model MaskDiT-S/2 --input-size 32 --batch 16 --precision bf16 --baseline
     python tools/benchmark.py --model MaskDiT-XL/2 --input-size 32 --batch 64 --precision fp16   # one GPU
 """
 import argparse
@@ -22,6 +22,8 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.5,0.0", help="mask ratios to interleave")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5, help="steps per mode per round")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also time a plain-PyTorch loop (torch AdamW + autocast, no DeepSpeed), interleaved")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     import torch
@@ -31,7 +33,8 @@ def main() -> None:
     from maskdit_ds.bench import format_rows, run
 
     rows = run(args.model, args.input_size, args.channels, args.batch, args.precision,
-               tuple(float(r) for r in args.ratios.split(",")), args.rounds, args.steps)
+               tuple(float(r) for r in args.ratios.split(",")), args.rounds, args.steps,
+               baseline=args.baseline)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
     print(format_rows(rows, f"{args.model} {args.input_size}x{args.input_size}x{args.channels}, batch {args.batch}, "
                             f"{args.precision}, {device}"))
