@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 
 @dataclass
@@ -78,9 +79,12 @@ def edm_sample(net, noise: torch.Tensor, class_labels, cfg: SamplerConfig, gener
     return x
 
 
-def generate(net, seeds, shape, num_classes: int, cfg: SamplerConfig, device, class_labels=None, batch_size=64):
-    """Sample one image per seed in batches -> (float64 (N, *shape) on CPU, int64 labels (N,))."""
+def generate(net, seeds, shape, num_classes: int, cfg: SamplerConfig, device, class_labels=None, batch_size=64,
+             progress: bool = False):
+    """Sample one image per seed in batches -> (float64 (N, *shape) on CPU, int64 labels (N,)).
+    progress: a tqdm bar in images (images/s) on this process."""
     images, labels = [], []
+    bar = tqdm(total=len(seeds), unit="img", desc="sampling", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(seeds), batch_size):
         chunk = list(seeds[start : start + batch_size])
         given = None if class_labels is None else class_labels[start : start + batch_size]
@@ -88,6 +92,8 @@ def generate(net, seeds, shape, num_classes: int, cfg: SamplerConfig, device, cl
         out = edm_sample(net, noise.to(device), y.to(device), cfg, generators=gens)
         images.append(out.cpu())
         labels.append(y)
+        bar.update(len(chunk))
+    bar.close()
     return torch.cat(images), torch.cat(labels)
 
 

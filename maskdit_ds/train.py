@@ -278,7 +278,8 @@ def final_samples(cfg: Config, ema, logger: RunLogger) -> None:
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     sampler = SamplerConfig(steps=cfg.sample.steps, guidance=cfg.sample.guidance, sigma_min=cfg.sample.sigma_min,
                             sigma_max=cfg.sample.sigma_max, rho=cfg.sample.rho)
-    images, labels = generate(ema, seeds, shape, cfg.model.num_classes, sampler, dist.device(), batch_size=256)
+    images, labels = generate(ema, seeds, shape, cfg.model.num_classes, sampler, dist.device(), batch_size=128,
+                              progress=dist.is_main())
     if cfg.data.source == "latents":
         images = decode_latents(images, cfg)
     parts = dist.all_gather_objects((seeds, to_uint8(images.float()), labels.numpy()))

@@ -90,3 +90,10 @@ def test_overrides_keep_digit_strings_for_text_keys():
                                  "optim.lr=5e-5"])
     assert cfg.eval.inception_sha256 == digits and cfg.run.name == "0042"
     assert cfg.train.steps == 100 and cfg.optim.lr == 5e-5
+
+
+def test_example_ema_forgets_the_zero_init():
+    # An EMA that still holds the zero-initialised output layer samples noise (seen at decay 0.999 over 750 steps).
+    cfg = load_config("digits")
+    steps = sum(stage["steps"] for stage in cfg.train.stages)
+    assert cfg.train.ema_decay**steps < 0.01
