@@ -1,0 +1,150 @@
+"""U-ViT backbone for masked pixel-space pre-training (MaskDM, Lei et al. 2023; U-ViT, Bao et al. CVPR 2023).
+
+Everything is a token: the noise level and the class label are two extra tokens in front of the patch tokens,
+and long skip connections join each shallow block to its mirror-image deep block (concat, then Linear 2D -> D).
+No adaLN: conditioning reaches the patches only through attention to the two extra tokens.
+
+Masking (training only, as in MaskDM's mask_uvit): masked patch tokens are dropped before the trunk, so the
+whole U-ViT (skips included) runs on the visible tokens plus the two extras. A light decoder then re-inserts a
+learned mask token at every removed position (MAE style) and runs `decoder_depth` plain blocks of width
+`decoder_hidden` over all tokens. We chose a decoder rather than mask tokens re-inserted before the last trunk
+blocks because it keeps every trunk block at the masked cost, matches MaskDiT's encoder/decoder split (so the
+loss, FLOP counting and fine-tuning treat both backbones alike) and matches MaskDM. Like MaskDiT's, the decoder
+is kept at inference and then sees all tokens.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .layers import Attention, FixedSinCos, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, unpatchify
+from .masking import gather_tokens, num_kept, training_mask
+from .registry import ModelSize
+
+EXTRA_TOKENS = 2  # [time, label] in front of the patch tokens
+
+
+class UViTBlock(nn.Module):
+    """Pre-LN transformer block; a deep block first merges its shallow partner through concat + Linear(2D, D)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, skip: bool = False):
+        super().__init__()
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        # x, skip: (N, T, D)
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class UViT(nn.Module):
+    """F(x_in, c_noise, y_onehot[, mask]) -> (N, C, H, W), the same contract as MaskDiT; masking in training only.
+
+    size.depth blocks in all: depth // 2 shallow ("in") blocks, depth % 2 middle block, depth // 2 deep ("out")
+    blocks with long skips; then decoder_depth blocks of width decoder_hidden (the MAE-style decoder).
+    """
+
+    def __init__(self, size: ModelSize, input_size: int, in_channels: int, num_classes: int):
+        super().__init__()
+        p, d, dd = size.patch_size, size.hidden_size, size.decoder_hidden
+        if input_size % p:
+            raise ValueError(f"input size {input_size} is not divisible by patch size {p}")
+        if size.depth < 1 or size.decoder_depth < 1:
+            raise ValueError(f"U-ViT needs depth >= 1 and decoder_depth >= 1, got {size.depth}, {size.decoder_depth}")
+        self.size, self.input_size, self.in_channels, self.num_classes = size, input_size, in_channels, num_classes
+        self.grid = input_size // p
+        self.num_tokens = self.grid**2
+
+        self.x_embedder = PatchEmbed(p, in_channels, d)
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(num_classes, d)  # bias-free: the all-zero row embeds to exactly 0
+        self.extras_embed = nn.Parameter(torch.zeros(1, EXTRA_TOKENS, d))  # learned role of the time/label token
+        self.pos_embed = FixedSinCos(d, self.grid)
+        half, mlp = size.depth // 2, size.mlp_ratio
+        self.in_blocks = nn.ModuleList([UViTBlock(d, size.num_heads, mlp) for _ in range(half)])
+        self.mid_blocks = nn.ModuleList([UViTBlock(d, size.num_heads, mlp) for _ in range(size.depth % 2)])
+        self.out_blocks = nn.ModuleList([UViTBlock(d, size.num_heads, mlp, skip=True) for _ in range(half)])
+        self.norm = nn.LayerNorm(d)
+
+        self.decoder_embed = nn.Linear(d, dd)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+        self.decoder_pos_embed = FixedSinCos(dd, self.grid)
+        self.decoder_blocks = nn.ModuleList(
+            [UViTBlock(dd, size.decoder_heads, mlp) for _ in range(size.decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(dd)
+        self.final_layer = nn.Linear(dd, p * p * in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        # U-ViT's init: truncated normal (0.02) linears with zero bias; the output starts at zero so F = 0.
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for param in (self.extras_embed, self.mask_token):
+            nn.init.normal_(param, std=0.02)
+        nn.init.zeros_(self.final_layer.weight)
+        nn.init.zeros_(self.final_layer.bias)
+
+    def trunk(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, T, D) -> (N, T, D): shallow blocks, middle, deep blocks each fed its mirror's output."""
+        skips = []
+        for block in self.in_blocks:
+            tokens = block(tokens)
+            skips.append(tokens)
+        for block in self.mid_blocks:
+            tokens = block(tokens)
+        for block in self.out_blocks:
+            tokens = block(tokens, skips.pop())
+        return self.norm(tokens)
+
+    def forward(self, x, c_noise, y_onehot, mask_ratio: float = 0.0, mask: torch.Tensor | None = None):
+        """x (N, C, H, W), c_noise (N,), y_onehot (N, classes) -> (out (N, C, H, W), MaskRecord or None)."""
+        n = x.shape[0]
+        patches = self.pos_embed(self.x_embedder(x))  # (N, L, D)
+        t_tok = self.t_embedder(c_noise).to(patches.dtype)  # (N, D)
+        y_tok = self.y_embedder(y_onehot.to(patches.dtype))  # (N, D); zero for the unconditional label
+        extras = torch.stack([t_tok, y_tok], dim=1) + self.extras_embed.to(patches.dtype)  # (N, 2, D)
+        record = training_mask(self.training, n, self.num_tokens, mask_ratio, mask, x.device)
+        if record is not None:
+            patches = gather_tokens(patches, record.ids_keep)  # (N, L_keep, D): dropped tokens never enter
+        tokens = self.decoder_embed(self.trunk(torch.cat([extras, patches], dim=1)))  # (N, 2 + L_keep, Dd)
+        extras, patches = tokens[:, :EXTRA_TOKENS], tokens[:, EXTRA_TOKENS:]
+        if record is not None:
+            fill = self.mask_token.to(patches.dtype).expand(n, self.num_tokens - record.num_keep, -1)
+            patches = gather_tokens(torch.cat([patches, fill], dim=1), record.ids_restore)  # (N, L, Dd), raster
+        tokens = torch.cat([extras, self.decoder_pos_embed(patches)], dim=1)  # (N, 2 + L, Dd)
+        for block in self.decoder_blocks:
+            tokens = block(tokens)
+        out = self.final_layer(self.decoder_norm(tokens[:, EXTRA_TOKENS:]))  # (N, L, p*p*C)
+        return unpatchify(out, self.grid, self.size.patch_size, self.in_channels), record
+
+
+def block_flops(tokens: int, dim: int, mlp_ratio: float, skip: bool) -> float:
+    # qkv 6Td^2 + proj 2Td^2 + mlp 4*ratio*Td^2 + attention 4T^2 d (+ skip Linear(2d, d): 4Td^2)
+    return (8 + 4 * mlp_ratio + (4 if skip else 0)) * tokens * dim**2 + 4 * tokens**2 * dim
+
+
+def forward_flops(size: ModelSize, input_size: int, in_channels: int, mask_ratio: float = 0.0) -> float:
+    """Matmul FLOPs of one U-ViT forward for one image; the trunk sees floor(L (1 - r)) + 2 tokens."""
+    p, d, dd = size.patch_size, size.hidden_size, size.decoder_hidden
+    length = (input_size // p) ** 2
+    kept = (num_kept(length, mask_ratio) if mask_ratio > 0 else length) + EXTRA_TOKENS
+    flops = 2 * length * p * p * in_channels * d + 2 * (256 * d + d * d)  # patch embed + time MLP
+    half = size.depth // 2
+    flops += (half + size.depth % 2) * block_flops(kept, d, size.mlp_ratio, False)
+    flops += half * block_flops(kept, d, size.mlp_ratio, True)
+    flops += 2 * kept * d * dd  # decoder_embed
+    flops += size.decoder_depth * block_flops(length + EXTRA_TOKENS, dd, size.mlp_ratio, False)
+    flops += 2 * length * dd * p * p * in_channels  # final layer
+    return float(flops)
