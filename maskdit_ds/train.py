@@ -119,6 +119,11 @@ def save_checkpoint(engine, ema, state, loader, cfg: Config, logger) -> None:
 
 
 def lineage(cfg: Config) -> dict:
+    """Where this run's weights and data came from; once init_from resolved a checkpoint (lineage.json), that
+    record, so that every export names the exact checkpoint folder and step it started from."""
+    recorded = cfg.run_dir / "lineage.json"
+    if recorded.is_file():
+        return json.loads(recorded.read_text())
     return {"init_from": cfg.train.init_from or None, "data": {"source": cfg.data.source, "path": cfg.data.path,
             "classes": list(cfg.data.classes), "fraction": cfg.data.fraction}}
 

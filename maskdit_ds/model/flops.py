@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .masking import num_kept
 from .registry import ModelSize
+from .uvit import forward_flops as uvit_forward_flops
 
 
 def block_flops(tokens: int, dim: int, cond_dim: int, mlp_ratio: float) -> float:
@@ -11,7 +12,9 @@ def block_flops(tokens: int, dim: int, cond_dim: int, mlp_ratio: float) -> float
 
 
 def forward_flops(size: ModelSize, input_size: int, in_channels: int, mask_ratio: float = 0.0) -> float:
-    """Forward FLOPs for one image; the encoder sees floor(L (1 - r)) tokens."""
+    """Forward FLOPs for one image; the encoder sees floor(L (1 - r)) tokens. U-ViT sizes use their own count."""
+    if size.backbone == "uvit":
+        return uvit_forward_flops(size, input_size, in_channels, mask_ratio)
     p, d, dd = size.patch_size, size.hidden_size, size.decoder_hidden
     tokens = (input_size // p) ** 2
     kept = num_kept(tokens, mask_ratio) if mask_ratio > 0 else tokens

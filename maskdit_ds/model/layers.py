@@ -154,3 +154,10 @@ class ModulatedLinear(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def unpatchify(x: torch.Tensor, grid: int, patch: int, channels: int) -> torch.Tensor:
+    """(N, L, p*p*C) with per-token layout (p_row, p_col, C) -> (N, C, H, W)."""
+    n = x.shape[0]
+    x = x.reshape(n, grid, grid, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)  # (N, C, g, p, g, p)
+    return x.reshape(n, channels, grid * patch, grid * patch)

@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import DiTBlock, FixedSinCos, LabelEmbedder, ModulatedLinear, PatchEmbed, TimestepEmbedder
-from .masking import MaskRecord, gather_tokens, random_mask, record_from_mask
+from .layers import (DiTBlock, FixedSinCos, LabelEmbedder, ModulatedLinear, PatchEmbed, TimestepEmbedder,
+                     unpatchify)
+from .masking import gather_tokens, training_mask
 from .registry import ModelSize
 
 
@@ -56,24 +57,11 @@ class MaskDiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, L, p*p*C) with per-token layout (p_row, p_col, C) -> (N, C, H, W)."""
-        n, p, c, g = x.shape[0], self.size.patch_size, self.in_channels, self.grid
-        x = x.reshape(n, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (N, C, g, p, g, p)
-        return x.reshape(n, c, g * p, g * p)
-
-    def make_mask(self, n: int, mask_ratio: float, mask: torch.Tensor | None, device) -> MaskRecord | None:
-        if not self.training or (mask is None and mask_ratio <= 0):
-            return None
-        if mask is not None:
-            return record_from_mask(mask.to(device))
-        return random_mask(n, self.num_tokens, mask_ratio, device=device)
-
     def forward(self, x, c_noise, y_onehot, mask_ratio: float = 0.0, mask: torch.Tensor | None = None):
         """x (N, C, H, W), c_noise (N,), y_onehot (N, classes) -> (out (N, C, H, W), MaskRecord or None)."""
         tokens = self.pos_embed(self.x_embedder(x))  # (N, L, D)
         c = self.t_embedder(c_noise) + self.y_embedder(y_onehot.to(tokens.dtype))  # (N, D)
-        record = self.make_mask(x.shape[0], mask_ratio, mask, x.device)
+        record = training_mask(self.training, x.shape[0], self.num_tokens, mask_ratio, mask, x.device)
         if record is not None:
             tokens = gather_tokens(tokens, record.ids_keep)  # (N, L_keep, D): dropped tokens never enter
         for block in self.blocks:
@@ -85,4 +73,4 @@ class MaskDiT(nn.Module):
         tokens = self.decoder_pos_embed(tokens)
         for block in self.decoder_blocks:
             tokens = block(tokens, c)
-        return self.unpatchify(self.final_layer(tokens, c)), record
+        return unpatchify(self.final_layer(tokens, c), self.grid, self.size.patch_size, self.in_channels), record

@@ -1,4 +1,4 @@
-"""Token masking for MaskDiT (SPEC section 1.3): which tokens the encoder sees. One implementation, one record."""
+"""Token masking (SPEC sections 1.3 and 9): which tokens the encoder sees, by strategy. One record type."""
 from __future__ import annotations
 
 import math
@@ -74,6 +74,7 @@ def block_mask(n: int, grid: int, ratio: float, block: int, device=None, generat
 
 def crop_mask(n: int, grid: int, ratio: float, device=None, generator=None) -> MaskRecord:
     """One square window stays visible: side floor(sqrt(L (1 - r))) tokens, at a uniform random position."""
+    num_kept(grid * grid, ratio)  # raises on a ratio outside [0, 1)
     side = max(1, math.floor(math.sqrt(grid * grid * (1.0 - ratio)) + 1e-6))
     top = torch.randint(0, grid - side + 1, (n, 1, 1), device=device, generator=generator)
     left = torch.randint(0, grid - side + 1, (n, 1, 1), device=device, generator=generator)
@@ -93,3 +94,13 @@ def make_mask(strategy: str, n: int, grid: int, ratio: float, block: int = 4, de
     if strategy == "crop":
         return crop_mask(n, grid, ratio, device=device, generator=generator)
     raise ValueError(f"unknown mask strategy {strategy!r}; use one of {STRATEGIES}")
+
+
+def training_mask(training: bool, n: int, num_tokens: int, ratio: float, mask: torch.Tensor | None,
+                  device) -> MaskRecord | None:
+    """The mask a backbone applies: none in eval mode or at ratio 0; a caller's (N, L) mask; else random."""
+    if not training or (mask is None and ratio <= 0):
+        return None
+    if mask is not None:
+        return record_from_mask(mask.to(device))
+    return random_mask(n, num_tokens, ratio, device=device)
