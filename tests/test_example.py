@@ -15,7 +15,7 @@ def test_digits_example_samples_recognisable_digits(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
     run = tmp_path / "digits"
     samples = np.load(run / "samples.npz")
-    assert samples["arr_0"].dtype == np.uint8 and samples["arr_0"].shape == (500, 16, 16, 3)
-    assert samples["arr_1"].shape == (500,) and set(np.unique(samples["arr_1"])) == set(range(10))
+    assert samples["arr_0"].dtype == np.uint8 and samples["arr_0"].shape == (400, 16, 16, 3)
+    assert samples["arr_1"].shape == (400,) and set(np.unique(samples["arr_1"])) == set(range(10))
     assert (run / "samples.png").is_file()
     assert json.loads((run / "samples.json").read_text())["digits_class_agreement"] > 0.9

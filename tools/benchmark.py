@@ -22,6 +22,7 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.5,0.0", help="mask ratios to interleave")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5, help="steps per mode per round")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first")
     parser.add_argument("--baseline", action="store_true",
                         help="also time a plain-PyTorch loop (torch AdamW + autocast, no DeepSpeed), interleaved")
     parser.add_argument("--json", help="also write the rows here")
@@ -34,7 +35,7 @@ def main() -> None:
 
     rows = run(args.model, args.input_size, args.channels, args.batch, args.precision,
                tuple(float(r) for r in args.ratios.split(",")), args.rounds, args.steps,
-               baseline=args.baseline)
+               warmup=args.warmup, baseline=args.baseline)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
     print(format_rows(rows, f"{args.model} {args.input_size}x{args.input_size}x{args.channels}, batch {args.batch}, "
                             f"{args.precision}, {device}"))

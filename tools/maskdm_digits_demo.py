@@ -8,6 +8,8 @@ Metrics on samples of classes 5-9 (equal numbers, the same seeds for both models
   fd_pixels   Frechet distance between sample and real-digit statistics in raw 8x8 pixel space (64-d)
   fd_mlp      Frechet distance in the hidden layer (64 ReLU units) of an MLP classifier trained on the real digits
 These are NOT FID: no Inception network is involved and the numbers are not comparable with published FIDs.
+  fid         with --inception-weights: Inception FID (pool3) against the real digits 5-9 at the training
+              resolution (upscaled and quantised like the training data), the repository's ADM-protocol extractor
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ def to_8x8(pixels_uint8: np.ndarray) -> np.ndarray:
 class Judges:
     """The real-digit references: the SVC judge, an MLP feature space and the real statistics of digits 5-9."""
 
-    def __init__(self):
+    def __init__(self, inception_weights: str = "", inception_sha256: str = ""):
         from sklearn.neural_network import MLPClassifier
 
         images, labels = load_digits_arrays()
@@ -85,15 +87,34 @@ class Judges:
         self.mlp = MLPClassifier(hidden_layer_sizes=(64,), max_iter=1000, random_state=0).fit(flat, labels)
         real = flat[np.isin(labels, FINETUNE_CLASSES)]
         self.real_pixels, self.real_mlp = gaussian_stats(real), gaussian_stats(self.features(real))
+        self.extractor = self.real_pool3 = None
+        if inception_weights:  # verified by sha256 before anything is computed
+            from maskdit_ds.evaluation import PT_INCEPTION_SHA256, build_extractor
+
+            self.extractor = build_extractor(inception_weights, expected_sha256=inception_sha256 or PT_INCEPTION_SHA256)
+            self.real_pool3 = gaussian_stats(self.extractor.images(real_digits_uint8(FINETUNE_CLASSES)).pool3)
 
     def features(self, flat: np.ndarray) -> np.ndarray:
         return np.maximum(flat @ self.mlp.coefs_[0] + self.mlp.intercepts_[0], 0)  # (N, 64) hidden ReLU layer
 
     def score(self, pixels_uint8: np.ndarray, labels: np.ndarray) -> dict:
         flat = to_8x8(pixels_uint8)
-        return {"agreement": float((self.svc.clf.predict(flat) == labels).mean()),
-                "fd_pixels": frechet_distance(gaussian_stats(flat), self.real_pixels),
-                "fd_mlp": frechet_distance(gaussian_stats(self.features(flat)), self.real_mlp)}
+        scores = {"agreement": float((self.svc.clf.predict(flat) == labels).mean()),
+                  "fd_pixels": frechet_distance(gaussian_stats(flat), self.real_pixels),
+                  "fd_mlp": frechet_distance(gaussian_stats(self.features(flat)), self.real_mlp)}
+        if self.extractor is not None:
+            scores["fid"] = frechet_distance(gaussian_stats(self.extractor.images(pixels_uint8).pool3),
+                                             self.real_pool3)
+        return scores
+
+
+def real_digits_uint8(classes) -> np.ndarray:
+    """The real digits of `classes` as the trainer sees them (16 px), quantised like samples: uint8 NHWC."""
+    from maskdit_ds.data import build_dataset
+
+    cfg = load_config("maskdm_digits_finetune", ["data.fraction=1.0", f"data.classes={list(classes)}"])
+    data = build_dataset(cfg.data, cfg.model, cfg.run.seed)
+    return to_uint8(torch.stack([data[i]["x"] for i in range(len(data))]))
 
 
 def training_subset_score(judges: Judges, seed: int) -> dict:
@@ -140,6 +161,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sample-steps", type=int, default=12, help="EDM Heun steps")
     parser.add_argument("--guidance", type=float, default=1.5)
     parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--inception-weights", default="",
+                        help="pt_inception-2015-12-05-6726825d.pth: also report Inception FID (docs/evaluation.md)")
+    parser.add_argument("--inception-sha256", default="", help="expected hash of other weights (default: official)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     out = Path(args.out).resolve()
@@ -168,7 +192,7 @@ def main(argv=None) -> int:
         "train.init_from=", f"train.steps={scratch_steps}", f"train.ckpt_every={scratch_steps}", *fine],
         args.ranks)
 
-    judges = Judges()
+    judges = Judges(args.inception_weights, args.inception_sha256)
     results = {
         "settings": {**vars(args), "out": str(out), "scratch_steps": scratch_steps, "compute_match": "equal FLOPs",
                      "model": pre_cfg.model.name},
@@ -184,10 +208,11 @@ def main(argv=None) -> int:
     }
     (out / "demo_results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
-    print("\n| model | agreement | FD pixels 8x8 | FD digits-MLP |\n|---|---|---|---|")
+    print("\n| model | agreement | FD pixels 8x8 | FD digits-MLP | Inception FID |\n|---|---|---|---|---|")
     for key in ("pretrained+finetuned", "scratch", "training_subset"):
         r = results[key]
-        print(f"| {key} | {r['agreement']:.3f} | {r['fd_pixels']:.3f} | {r['fd_mlp']:.3f} |")
+        fid = f"{r['fid']:.2f}" if "fid" in r else "not measured (no --inception-weights)"
+        print(f"| {key} | {r['agreement']:.3f} | {r['fd_pixels']:.3f} | {r['fd_mlp']:.3f} | {fid} |")
     return 0
 
 
