@@ -347,7 +347,8 @@ def train(cfg: Config) -> int:
     # 1. World and config: every error here happens before any heavy work.
     init_distributed()
     rank, world, device = dist.rank(), dist.world_size(), dist.device()
-    validate(cfg, world)
+    for warning in validate(cfg, world):
+        dist.print0(f"warning: {warning}")
     stages = stages_of(cfg)
     stage_cfgs = [stage_config(cfg, s) if cfg.train.stages else cfg for s in stages]
     if dist.is_main():

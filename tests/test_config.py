@@ -97,3 +97,11 @@ def test_example_ema_forgets_the_zero_init():
     cfg = load_config("digits")
     steps = sum(stage["steps"] for stage in cfg.train.stages)
     assert cfg.train.ema_decay**steps < 0.01
+
+
+def test_a_short_run_with_a_slow_ema_is_warned_about():
+    warnings = validate(load_config("digits", ["train.ema_decay=0.999"]))
+    assert any(w.startswith("train.ema_decay: 0.999 over 750 steps leaves 47%") for w in warnings)
+    assert not any("ema_decay" in w for w in validate(load_config("digits")))
+    tune = load_config("imagenet256_tune", ["train.init_from=/tmp", "train.steps=10"])
+    assert not any("ema_decay" in w for w in validate(tune, 8, check_paths=False))  # the EMA continues
