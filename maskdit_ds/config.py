@@ -240,7 +240,8 @@ def merge_list(items: list, update: dict, name: str) -> list:
         i = int(index)
         if i >= len(out):
             raise ConfigError(f"{name}.{index}: index out of range, the list has {len(out)} entries")
-        out[i] = merge(out[i], value, f"{name}.{index}.") if isinstance(value, dict) and isinstance(out[i], dict) else value
+        nested = isinstance(value, dict) and isinstance(out[i], dict)
+        out[i] = merge(out[i], value, f"{name}.{index}.") if nested else value
     return out
 
 
@@ -313,6 +314,7 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, _stage:
             _check(not check_paths, f"{key}: {value} does not exist")
             warnings.append(f"{key}: {value} does not exist here")
 
+    from .model.masking import STRATEGIES
     from .model.registry import MODELS
 
     m, d, t = cfg.model, cfg.data, cfg.train
@@ -334,8 +336,8 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, _stage:
     _check(0 < d.fraction <= 1, f"data.fraction: {d.fraction} must be in (0, 1]")
     _check(0 <= cfg.mask.ratio < 1, f"mask.ratio: {cfg.mask.ratio} must be in [0, 1)")
     _check(cfg.mask.schedule in ("constant", "cosine"), f"mask.schedule: {cfg.mask.schedule!r} not constant|cosine")
-    _check(cfg.mask.strategy in ("random", "block", "crop"),
-           f"mask.strategy: {cfg.mask.strategy!r} is not one of random, block, crop")
+    _check(cfg.mask.strategy in STRATEGIES,
+           f"mask.strategy: {cfg.mask.strategy!r} is not one of {', '.join(STRATEGIES)}")
     _check(cfg.mask.block_size > 0, f"mask.block_size: {cfg.mask.block_size} must be positive")
     _check(0 <= cfg.loss.label_dropout < 1, f"loss.label_dropout: {cfg.loss.label_dropout} must be in [0, 1)")
     _check(cfg.optim.lr > 0, f"optim.lr: {cfg.optim.lr} must be positive")

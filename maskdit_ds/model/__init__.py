@@ -4,21 +4,19 @@ from .masking import MaskRecord, num_kept, random_mask, record_from_mask
 from .maskdit import MaskDiT
 from .precond import EDMPrecond
 from .registry import MODELS, ModelSize, get_size
+from .uvit import UViT
+
+BACKBONES = {"maskdit": MaskDiT, "uvit": UViT}  # ModelSize.backbone -> network class
 
 
 def build_denoiser(model_cfg) -> EDMPrecond:
     """model_cfg: a config.ModelConfig (or anything with name, input_size, in_channels, num_classes, sigma_data)."""
     size = get_size(model_cfg.name)
-    if size.backbone == "maskdit":
-        net = MaskDiT(size, model_cfg.input_size, model_cfg.in_channels, model_cfg.num_classes)
-    elif size.backbone == "uvit":
-        from .uvit import UViT
-
-        net = UViT(size, model_cfg.input_size, model_cfg.in_channels, model_cfg.num_classes)
-    else:
+    if size.backbone not in BACKBONES:
         raise ValueError(f"model {model_cfg.name}: unknown backbone {size.backbone!r}")
+    net = BACKBONES[size.backbone](size, model_cfg.input_size, model_cfg.in_channels, model_cfg.num_classes)
     return EDMPrecond(net, sigma_data=model_cfg.sigma_data)
 
 
-__all__ = ["MODELS", "ModelSize", "MaskDiT", "EDMPrecond", "MaskRecord", "build_denoiser", "get_size",
+__all__ = ["BACKBONES", "MODELS", "ModelSize", "MaskDiT", "UViT", "EDMPrecond", "MaskRecord", "build_denoiser", "get_size",
            "forward_flops", "train_flops", "num_kept", "random_mask", "record_from_mask"]
