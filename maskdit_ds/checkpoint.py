@@ -39,7 +39,8 @@ def list_tags(ckpt_dir: Path) -> list[str]:
     return sorted(tags, key=step_of)
 
 
-def file_sha256(path: Path) -> str:
+def sha256_file(path) -> str:
+    """Hex sha256 of a file, read in 16 MiB chunks (checkpoints, VAE and Inception weight files)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -51,7 +52,7 @@ def write_manifest(tag_dir: Path, meta: dict) -> None:
     """complete.json, written last: each file's size (checked on every scan) and sha256 (checked on resume)."""
     paths = [p for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != MANIFEST]
     files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in paths}
-    digests = {str(p.relative_to(tag_dir)): file_sha256(p) for p in paths}
+    digests = {str(p.relative_to(tag_dir)): sha256_file(p) for p in paths}
     atomic_write_text(tag_dir / MANIFEST, json.dumps({"files": files, "sha256": digests, **meta}, indent=1))
 
 
@@ -72,7 +73,7 @@ def check_tag(tag_dir: Path, verify_hashes: bool = False) -> str | None:
         if path.stat().st_size != size:
             return f"{rel} has {path.stat().st_size} bytes, expected {size} (truncated?)"
     for rel, digest in (record.get("sha256", {}) if verify_hashes else {}).items():
-        if file_sha256(Path(tag_dir) / rel) != digest:
+        if sha256_file(Path(tag_dir) / rel) != digest:
             return f"{rel} does not match the sha256 recorded in {MANIFEST} (corrupted after the save?)"
     return None
 

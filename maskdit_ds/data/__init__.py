@@ -33,14 +33,14 @@ def build_dataset(data_cfg, model_cfg, seed: int = 0) -> Dataset:
 
         ds = LatentCache(data_cfg.path)
         ds.check_compatible(data_cfg.resolution, model_cfg.in_channels)
-        labels = ds.labels() if hasattr(ds, "labels") else torch.tensor([ds[i]["y"] for i in range(len(ds))])
+        labels = ds.labels()
     else:
         from .sources import ImageDataset
 
         # hf: a saved dataset folder, or a hub name such as "imagenet-1k" (needs the hub or its cache)
         hub_name = data_cfg.source == "hf" and not Path(data_cfg.path).exists()
         ds = ImageDataset(f"hf:{data_cfg.path}" if hub_name else data_cfg.path, data_cfg.resolution)
-        labels = ds.labels() if hasattr(ds, "labels") else torch.tensor([ds[i]["y"] for i in range(len(ds))])
+        labels = ds.labels()
     channels = model_cfg.in_channels * (2 if data_cfg.source == "latents" else 1)  # caches hold mean + logvar
     expected = (channels, model_cfg.input_size, model_cfg.input_size)
     if tuple(ds[0]["x"].shape) != expected:

@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from ..checkpoint import atomic_write_text
 from .sources import BadImage
 from .transforms import adm_center_crop
 from .vae import encode_moments
@@ -134,10 +135,7 @@ def dist_env(rank: int = None, world_size: int = None):
 
 
 def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def prepare_cache(out: str, plan: dict) -> None:
@@ -256,11 +254,8 @@ def finalize_cache(out: str, plan: dict) -> dict:
     for k in range(plan["num_shards"]):
         skipped += _check_shard(out, k, plan, plan["num_classes"])
     count = (plan["num_images"] - len(skipped)) * plan["copies"]
-    tmp = os.path.join(out, f"skipped.jsonl.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        for s in sorted(skipped, key=lambda s: s["index"]):
-            f.write(json.dumps(s) + "\n")
-    os.replace(tmp, os.path.join(out, "skipped.jsonl"))
+    atomic_write_text(os.path.join(out, "skipped.jsonl"),
+                      "".join(json.dumps(s) + "\n" for s in sorted(skipped, key=lambda s: s["index"])))
     meta = dict(plan, count=count, num_skipped=len(skipped), status="complete")
     write_json_atomic(os.path.join(out, "meta.json"), meta)
     return meta
@@ -296,18 +291,24 @@ def _collate(items):
 def make_plan(source, vae_info: dict, resolution: int, flip: bool, moments_dtype: str, shard_size: int) -> dict:
     if resolution % vae_info["downsample"]:
         raise ValueError(f"resolution {resolution} is not a multiple of the VAE's downsampling factor {vae_info['downsample']}")
+    if len(source) == 0:
+        raise ValueError(f"data source {source.describe()['path']} has no images")
+    return cache_plan(resolution, vae_info, moments_dtype, list(source.label_names), source.describe(), len(source),
+                      shard_size, flip)
+
+
+def cache_plan(resolution: int, vae_info: dict, moments_dtype: str, label_names: list, source_desc: dict,
+               num_images: int, shard_size: int, flip: bool = False) -> dict:
+    """plan.json: everything a resumed or parallel run must agree on (encoded caches and imported releases)."""
     if moments_dtype not in MOMENT_DTYPES:
         raise ValueError(f"moments dtype must be one of {MOMENT_DTYPES}, got {moments_dtype!r}")
-    n = len(source)
-    if n == 0:
-        raise ValueError(f"data source {source.describe()['path']} has no images")
     return {
         "format_version": FORMAT_VERSION, "resolution": resolution, "crop": "adm_center",
         "latent_channels": vae_info["latent_channels"], "latent_size": resolution // vae_info["downsample"],
         "moments_dtype": moments_dtype, "vae": vae_info, "flip": flip, "copies": 2 if flip else 1,
-        "label_names": list(source.label_names), "num_classes": len(source.label_names),
-        "source": source.describe(), "num_images": n, "shard_size": shard_size,
-        "num_shards": max(1, -(-n // shard_size)),
+        "label_names": label_names, "num_classes": len(label_names),
+        "source": source_desc, "num_images": num_images, "shard_size": shard_size,
+        "num_shards": max(1, -(-num_images // shard_size)),
     }
 
 
@@ -322,7 +323,8 @@ def encode_to_cache(source, vae, vae_info: dict, out: str, resolution: int, flip
     prepare_cache(out, plan)
     if os.path.isfile(os.path.join(out, "meta.json")):
         return {"status": "complete", "encoded": 0, "meta": read_meta(out)}
-    todo = sorted(k for k in range(rank, plan["num_shards"], world_size) if k not in finished_shards(out))
+    done = finished_shards(out)
+    todo = sorted(k for k in range(rank, plan["num_shards"], world_size) if k not in done)
     if max_shards is not None:
         todo = todo[:max_shards]
     remove_stale_tmp(out, todo)

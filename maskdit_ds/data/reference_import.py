@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from .latent_cache import FORMAT_VERSION, finalize_cache, finished_shards, prepare_cache, read_meta, shard_range, write_shard
+from .latent_cache import cache_plan, finalize_cache, finished_shards, prepare_cache, read_meta, shard_range, write_shard
 
 # The globals a pickled numpy array or numpy scalar needs, under numpy 1 and numpy 2 module names.
 # _frombuffer is what protocol-5 pickles of arrays call; it only wraps a byte buffer as an array.
@@ -233,16 +233,11 @@ def import_reference(reader, out: str, resolution: int = None, num_classes: int 
     resolution = resolution or h * downsample
     if resolution != h * downsample:
         raise ValueError(f"reference latents are {h}x{h}, which is {h * downsample} px with the KL-f8 VAE, not {resolution}")
-    plan = {
-        "format_version": FORMAT_VERSION, "resolution": resolution, "crop": "adm_center",
-        "latent_channels": c2 // 2, "latent_size": h, "moments_dtype": moments_dtype,
-        "vae": {"id": vae_id or "reference MaskDiT release (SD KL-f8; exact weights not recorded)", "sha256": None,
+    vae_info = {"id": vae_id or "reference MaskDiT release (SD KL-f8; exact weights not recorded)", "sha256": None,
                 "hash_of": None, "dtype": None, "latent_channels": c2 // 2, "downsample": downsample,
-                "scaling_factor": 0.18215},
-        "flip": False, "copies": 1, "label_names": [str(k) for k in range(num_classes)], "num_classes": num_classes,
-        "source": reader.describe(), "num_images": len(reader), "shard_size": shard_size,
-        "num_shards": max(1, -(-len(reader) // shard_size)),
-    }
+                "scaling_factor": 0.18215}
+    plan = cache_plan(resolution, vae_info, moments_dtype, [str(k) for k in range(num_classes)], reader.describe(),
+                      len(reader), shard_size)
     prepare_cache(out, plan)
     if os.path.isfile(os.path.join(out, "meta.json")):
         return {"status": "complete", "imported": 0, "meta": read_meta(out)}

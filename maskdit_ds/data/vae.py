@@ -7,6 +7,8 @@ import tempfile
 
 import torch
 
+from ..checkpoint import sha256_file
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                 "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
@@ -20,14 +22,6 @@ SD_KL_F8_CONFIG = {
     "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "act_fn": "silu",
     "norm_num_groups": 32, "sample_size": 256, "scaling_factor": 0.18215,
 }
-
-
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha256_state_dict(module: torch.nn.Module) -> str:

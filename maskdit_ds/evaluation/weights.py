@@ -1,7 +1,6 @@
 """Find, verify (size, sha256) and load the FID Inception weights, pt_inception-2015-12-05-6726825d.pth."""
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import urllib.request
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import sha256_file
 from .inception import FIDInceptionV3
 
 # pytorch-fid's conversion of the 2015 TF graph; torch-fidelity's copy has the same bytes.
@@ -18,14 +18,6 @@ PT_INCEPTION_URL = (
 PT_INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 PT_INCEPTION_SIZE = 95_628_359
 PT_INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
-
-
-def sha256_file(path, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_weight_file(path, expected_sha256: str | None = PT_INCEPTION_SHA256) -> str:
