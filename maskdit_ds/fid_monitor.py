@@ -13,8 +13,7 @@ from . import dist
 from .config import Config, ConfigError
 from .evaluation import PT_INCEPTION_SHA256, build_extractor, frechet_distance, gaussian_stats, open_images
 from .evaluation import load_reference_stats
-from .generate import GenerateConfig, load_decoder, sample_images
-from .sample import SamplerConfig
+from .generate import load_decoder, run_generate_config, sample_images
 
 
 class FIDMonitor:
@@ -25,11 +24,8 @@ class FIDMonitor:
         self.every, self.num_samples, self.device = e.fid_every, e.fid_samples, device or dist.device()
         self.shape = (m.in_channels, m.input_size, m.input_size)  # what the network samples
         latent = cfg.data.source == "latents"
-        sampler = SamplerConfig(steps=cfg.sample.steps, guidance=cfg.sample.guidance, sigma_min=cfg.sample.sigma_min,
-                                sigma_max=cfg.sample.sigma_max, rho=cfg.sample.rho)
-        self.gen = GenerateConfig(batch_size=64, vae=cfg.data.vae if latent else "",
-                                  latent_scale=cfg.data.latent_scale, sampler=sampler)
-        self.extractor, self.ref, self._vae = None, None, None
+        self.gen = run_generate_config(cfg, batch_size=64)
+        self.extractor, self.ref = None, None
         error = None
         try:
             if latent and not cfg.data.vae:
@@ -63,9 +59,8 @@ class FIDMonitor:
     @torch.no_grad()
     def sample(self, ema) -> np.ndarray:
         """uint8 (n, H, W, 3) for this rank's seeds, classes uniform from each seed's generator, with guidance."""
-        if self.gen.vae and self._vae is None:
-            self._vae, _ = load_decoder(self.gen.vae, self.device)
-        images, _ = sample_images(ema, self.seeds(), None, self.shape, self.gen, self.device, self._vae)
+        vae = load_decoder(self.gen.vae, self.device)[0]  # cached: the run's one VAE (None for pixel models)
+        images, _ = sample_images(ema, self.seeds(), None, self.shape, self.gen, self.device, vae)
         return images
 
     def __call__(self, step: int, ema) -> float | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -47,6 +48,16 @@ class GenerateConfig:
     grid: int = 100  # images in samples.png (0: none)
     keep_chunks: bool = False  # keep <out>/chunks after the .npz is written
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+def run_generate_config(cfg, batch_size: int) -> GenerateConfig:
+    """A training run's sampler (cfg.sample) and decoder (cfg.data) as a GenerateConfig: what in-training FID and
+    the final samples use."""
+    sample = cfg.sample
+    sampler = SamplerConfig(steps=sample.steps, guidance=sample.guidance, sigma_min=sample.sigma_min,
+                            sigma_max=sample.sigma_max, rho=sample.rho)
+    return GenerateConfig(batch_size=batch_size, vae=cfg.data.vae if cfg.data.source == "latents" else "",
+                          latent_scale=cfg.data.latent_scale, sampler=sampler)
 
 
 # ---------------------------------------------------------------- inputs
@@ -115,8 +126,10 @@ def settings_record(gcfg: GenerateConfig, folder: Path, export_cfg: dict) -> dic
 # ---------------------------------------------------------------- decoding
 
 
+@functools.lru_cache(maxsize=1)
 def load_decoder(spec: str, device):
-    """diffusers AutoencoderKL in eval mode plus its description (sha256 etc.), or (None, None) for pixel models."""
+    """diffusers AutoencoderKL in eval mode plus its description (sha256 etc.), or (None, None) for pixel models.
+    Cached: sample grids, in-training FID and final samples of one run share one VAE (loaded and hashed once)."""
     if not spec:
         return None, None
     from .data.vae import load_vae
@@ -157,12 +170,13 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def sample_images(net, seeds, labels, shape, gcfg: GenerateConfig, device, vae=None) -> tuple[np.ndarray, np.ndarray]:
+def sample_images(net, seeds, labels, shape, gcfg: GenerateConfig, device, vae=None,
+                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (N, H, W, 3) and int64 (N,) labels for these seeds; shape = the network's (C, h, w);
     labels=None draws each class from its seed's generator."""
     with autocast(gcfg.precision, torch.device(device)):
         out, drawn = generate(net, list(seeds), shape, net.num_classes, gcfg.sampler, device, class_labels=labels,
-                              batch_size=gcfg.batch_size)
+                              batch_size=gcfg.batch_size, progress=progress)
     return to_pixels(out, vae, gcfg), drawn.numpy().astype(np.int64)
 
 

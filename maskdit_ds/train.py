@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import json
 import random
 import signal
@@ -22,7 +21,7 @@ from . import dist
 from .config import Config, ConfigError, grad_accum, save_config, stage_config, stages_of, validate
 from .data import DigitsJudge, ResumableLoader, build_dataset, to_model_input
 from .engine import Engine, build_ds_config, consolidated_fp32_state, init_distributed
-from .generate import decode, load_decoder
+from .generate import decode, load_decoder, run_generate_config, sample_images
 from .loss import MaskedEDMLoss
 from .metrics import RunLogger, Throughput, device_peak_tflops
 from .model import build_denoiser, get_size, train_flops
@@ -263,9 +262,8 @@ def decode_latents(latents: torch.Tensor, cfg: Config) -> torch.Tensor:
     return images
 
 
-@functools.lru_cache(maxsize=1)
 def grid_vae(spec: str):
-    """The VAE for sample grids and final samples, loaded once per run."""
+    """The run's VAE for sample grids (load_decoder caches it, so FID and final samples share it)."""
     return load_decoder(spec, dist.device())[0]
 
 
@@ -281,13 +279,10 @@ def final_samples(cfg: Config, ema, logger: RunLogger) -> None:
         return
     seeds = list(range(n))[dist.rank() :: dist.world_size()]
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
-    sampler = SamplerConfig(steps=cfg.sample.steps, guidance=cfg.sample.guidance, sigma_min=cfg.sample.sigma_min,
-                            sigma_max=cfg.sample.sigma_max, rho=cfg.sample.rho)
-    images, labels = generate(ema, seeds, shape, cfg.model.num_classes, sampler, dist.device(), batch_size=128,
-                              progress=dist.is_main())
-    if cfg.data.source == "latents":
-        images = decode_latents(images, cfg)
-    parts = dist.all_gather_objects((seeds, to_uint8(images.float()), labels.numpy()))
+    gcfg = run_generate_config(cfg, batch_size=128)
+    vae = load_decoder(gcfg.vae, dist.device())[0]
+    pixels, labels = sample_images(ema, seeds, None, shape, gcfg, dist.device(), vae, progress=dist.is_main())
+    parts = dist.all_gather_objects((seeds, pixels, labels))
     if not dist.is_main():
         return
     order = np.argsort(np.concatenate([p[0] for p in parts]))
