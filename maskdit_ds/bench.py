@@ -75,12 +75,10 @@ class TorchBaseline:
 def peak_memory(fn) -> float:
     """GPU: peak allocated during fn (GiB). CPU: the process's peak RSS so far (it only grows, so per-mode
     figures are not separable there)."""
-    if not torch.cuda.is_available():
-        fn()
-        return peak_memory_gb()
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     fn()
-    return torch.cuda.max_memory_allocated() / 2**30
+    return peak_memory_gb()
 
 
 def run(model="MaskDiT-S/2", input_size=32, channels=4, batch=16, precision="bf16", ratios=(0.5, 0.0),

@@ -48,17 +48,20 @@ def sha256_file(path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(tag_dir: Path, meta: dict) -> None:
-    """complete.json, written last: each file's size (checked on every scan) and sha256 (checked on resume)."""
-    paths = [p for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != MANIFEST]
-    files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in paths}
-    digests = {str(p.relative_to(tag_dir)): sha256_file(p) for p in paths}
-    atomic_write_text(tag_dir / MANIFEST, json.dumps({"files": files, "sha256": digests, **meta}, indent=1))
+def write_manifest(tag_dir: Path, meta: dict, hashes: bool = True) -> None:
+    """complete.json, written last: each file's size (checked on every scan) and, with hashes, its sha256
+    (checked by latest_good_tag on resume; skip it for folders that nothing verifies)."""
+    paths = {str(p.relative_to(tag_dir)): p for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    record = {"files": {rel: p.stat().st_size for rel, p in paths.items()}}
+    if hashes:
+        record["sha256"] = {rel: sha256_file(p) for rel, p in paths.items()}
+    atomic_write_text(tag_dir / MANIFEST, json.dumps({**record, **meta}, indent=1))
 
 
 def check_tag(tag_dir: Path, verify_hashes: bool = False) -> str | None:
     """None when the tag is complete; otherwise why it is not. Sizes always; sha256 (reads every byte) on request."""
-    manifest = Path(tag_dir) / MANIFEST
+    tag_dir = Path(tag_dir)
+    manifest = tag_dir / MANIFEST
     if not manifest.is_file():
         return "no complete.json (the save did not finish)"
     try:
@@ -67,14 +70,15 @@ def check_tag(tag_dir: Path, verify_hashes: bool = False) -> str | None:
     except (ValueError, KeyError) as err:
         return f"unreadable complete.json ({err})"
     for rel, size in files.items():
-        path = Path(tag_dir) / rel
+        path = tag_dir / rel
         if not path.is_file():
             return f"missing {rel}"
         if path.stat().st_size != size:
             return f"{rel} has {path.stat().st_size} bytes, expected {size} (truncated?)"
-    for rel, digest in (record.get("sha256", {}) if verify_hashes else {}).items():
-        if sha256_file(Path(tag_dir) / rel) != digest:
-            return f"{rel} does not match the sha256 recorded in {MANIFEST} (corrupted after the save?)"
+    if verify_hashes:
+        for rel, digest in record.get("sha256", {}).items():
+            if sha256_file(tag_dir / rel) != digest:
+                return f"{rel} does not match the sha256 recorded in {MANIFEST} (corrupted after the save?)"
     return None
 
 
@@ -130,11 +134,16 @@ def load_rank_state(tag_dir: Path, rank: int) -> dict:
 
 def export(folder: Path, net: torch.nn.Module, model_cfg, meta: dict) -> Path:
     """Write folder/{config.json, model.safetensors} atomically (a temp folder renamed into place)."""
+    return export_state(folder, net.state_dict(), model_cfg, meta)
+
+
+def export_state(folder: Path, state: dict, model_cfg, meta: dict) -> Path:
+    """export() from a state dict (the converters' entry point): fp32 weights + config.json, atomically."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.float() for k, v in net.state_dict().items()}
+    state = {k: v.float() for k, v in state.items()}
     atomic_save_safetensors(state, tmp / EXPORT_WEIGHTS, metadata={"format": "pt"})
     config = {"format": "maskdit_ds", "version": 1, "model": dataclasses.asdict(model_cfg), **meta}
     atomic_write_text(tmp / EXPORT_CONFIG, json.dumps(config, indent=2))

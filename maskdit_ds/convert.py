@@ -68,20 +68,10 @@ def check_state(state: dict, expected: dict[str, tuple], source: str) -> None:
 
 
 def write_export(folder: Path, state: dict, model_cfg: ModelConfig, meta: dict) -> Path:
-    """folder/{config.json, model.safetensors} in the format of checkpoint.export, written atomically."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    # .float() is the identity (same storage, same bits) on fp32 tensors; clone so no two keys share memory.
-    tensors = {k: v.detach().float().clone().contiguous() for k, v in state.items()}
-    ckpt.atomic_save_safetensors(tensors, tmp / ckpt.EXPORT_WEIGHTS, metadata={"format": "pt"})
-    config = {"format": "maskdit_ds", "version": 1, "model": dataclasses.asdict(model_cfg), **meta}
-    ckpt.atomic_write_text(tmp / ckpt.EXPORT_CONFIG, json.dumps(config, indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
+    """checkpoint.export_state of an imported state dict, whose tensors may share storage (safetensors refuses
+    that), so each is cloned first; .float() keeps fp32 bits unchanged."""
+    return ckpt.export_state(folder, {k: v.detach().float().clone().contiguous() for k, v in state.items()},
+                             model_cfg, meta)
 
 
 def report(title: str, lines: list[str]) -> None:

@@ -26,13 +26,17 @@ def ensure_single_process_env() -> None:
     """`python -m maskdit_ds train` without a launcher: a world of one (DeepSpeed would otherwise try MPI)."""
     if "RANK" in os.environ:
         return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def free_port() -> int:
+    """A TCP port that is free on this host now (for a rendezvous; one per launch)."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(port))
+        return s.getsockname()[1]
 
 
 def rank() -> int:

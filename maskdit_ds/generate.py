@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import dist
+from .evaluation.npz_io import NpzImages
 from .sample import SamplerConfig, generate, image_grid, to_uint8
 
 LATENT_CHANNELS = 4  # SD KL-f8 latents; other channel counts are pixels
@@ -206,11 +207,10 @@ def write_chunk(out: Path, index: int, images: np.ndarray, labels: np.ndarray, s
     os.replace(tmp, path)
 
 
-def write_adm_npz(path: Path, chunk_files: list[Path], total: int) -> None:
+def write_adm_npz(path: Path, chunk_files: list[Path], total: int) -> np.ndarray:
     """Stream the chunks into one .npz (stored, zip64) without holding all images: arr_0 uint8 (N, H, W, 3),
-    arr_1 int64 (N,). np.load and ADM's header-parsing reader both read it."""
-    with np.load(chunk_files[0]) as z:
-        image_shape = z["images"].shape[1:]
+    arr_1 int64 (N,), which is returned. np.load and ADM's header-parsing reader both read it."""
+    image_shape = NpzImages(chunk_files[0], key="images").shape[1:]  # the .npy header only
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     labels = []
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -222,9 +222,11 @@ def write_adm_npz(path: Path, chunk_files: list[Path], total: int) -> None:
                 with np.load(chunk) as z:
                     member.write(np.ascontiguousarray(z["images"]).tobytes())
                     labels.append(z["labels"])
+        labels = np.concatenate(labels).astype(np.int64)
         with zf.open("arr_1.npy", "w") as member:
-            np.lib.format.write_array(member, np.concatenate(labels).astype(np.int64))
+            np.lib.format.write_array(member, labels)
     os.replace(tmp, path)
+    return labels
 
 
 # ---------------------------------------------------------------- distributed
@@ -328,9 +330,7 @@ def finish(out: Path, chunks, record: dict, vae_info, gcfg: GenerateConfig, gene
         raise RuntimeError(f"{out}/chunks: chunks {bad[:10]} are missing or incomplete after generation")
     files = [chunk_path(out, k) for k, _ in chunks]
     npz = out / NPZ_FILE
-    write_adm_npz(npz, files, gcfg.num_images)
-    with np.load(npz) as z:
-        labels = z["arr_1"]
+    labels = write_adm_npz(npz, files, gcfg.num_images)
     firsts = []
     for f in files[:math.ceil(min(max(gcfg.grid, 1), gcfg.num_images) / gcfg.chunk_size)]:
         with np.load(f) as z:

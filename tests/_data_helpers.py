@@ -1,10 +1,11 @@
 """Fixtures for the data tests: a tiny AutoencoderKL folder and generated image folders with bad files."""
 
 import os
-import socket
 
 import numpy as np
 from PIL import Image
+
+from maskdit_ds.dist import free_port  # noqa: F401 (tests import it from here)
 
 
 def tiny_vae(blocks: int = 3):
@@ -25,10 +26,6 @@ def save_tiny_vae(path, blocks: int = 3) -> str:
     return str(path)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rgb(rng, h, w):

@@ -9,6 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from maskdit_ds.dist import free_port
+
 # Only needed for the cluster; NodeName is "localhost" so that it does not depend on this machine's hostname.
 SLURM_CONF = """\
 ClusterName=maskdit-test
@@ -61,12 +63,6 @@ def _run(cmd, timeout=60, env=None, check=True, cwd=None) -> subprocess.Complete
     return out
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_installed() -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,23 +30,13 @@ sys.path.insert(0, str(ROOT))
 
 from maskdit_ds import load_pretrained  # noqa: E402
 from maskdit_ds.config import load_config  # noqa: E402
+from maskdit_ds.dist import free_port  # noqa: E402
 from maskdit_ds.data.digits import DigitsJudge, load_digits_arrays  # noqa: E402
 from maskdit_ds.evaluation.metrics import frechet_distance, gaussian_stats  # noqa: E402
 from maskdit_ds.model import get_size, train_flops  # noqa: E402
 from maskdit_ds.sample import SamplerConfig, generate, image_grid, to_uint8  # noqa: E402
 
 FINETUNE_CLASSES = [5, 6, 7, 8, 9]
-
-
-def step_flops(size, res: int, ch: int, ratio: float) -> float:
-    """Training FLOPs per image (backward = 2x forward; the U-ViT counter for U-ViT sizes)."""
-    return train_flops(size, res, ch, ratio)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(config: str, name: str, out: Path, overrides: list[str], ranks: int) -> float:
@@ -174,8 +163,8 @@ def main(argv=None) -> int:
     model = [f"model.name={args.model}"] if args.model else []
     pre_cfg = load_config("maskdm_digits_pretrain", model)
     size, res, ch = get_size(pre_cfg.model.name), pre_cfg.model.input_size, pre_cfg.model.in_channels
-    pre_flops = args.pre_steps * args.pre_batch * step_flops(size, res, ch, args.mask_ratio)
-    fine_flops = args.fine_batch * step_flops(size, res, ch, 0.0)  # one unmasked fine-tuning step
+    pre_flops = args.pre_steps * args.pre_batch * train_flops(size, res, ch, args.mask_ratio)
+    fine_flops = args.fine_batch * train_flops(size, res, ch, 0.0)  # one unmasked fine-tuning step
     extra = round(pre_flops / fine_flops)
     scratch_steps = args.fine_steps + extra
     batch = lambda b: [f"train.global_batch={b}", f"train.micro_batch={b // args.ranks}"]  # noqa: E731
