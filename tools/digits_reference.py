@@ -16,16 +16,15 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
-import torch
 
-from maskdit_ds.data.digits import load_digits_arrays, upscale
+from maskdit_ds.data.digits import DigitsDataset
 from maskdit_ds.sample import to_uint8
 
 
 def real_digits(resolution: int = 16, rounding: str = "floor") -> tuple[np.ndarray, np.ndarray]:
     """uint8 (1797, R, R, 3) and int64 (1797,) labels."""
-    images, labels = load_digits_arrays()
-    return to_uint8(upscale(torch.from_numpy(images), resolution), rounding), labels
+    digits = DigitsDataset(resolution)  # upscaled exactly as the trainer sees them
+    return to_uint8(digits.x, rounding), digits.y.numpy()
 
 
 def main(argv=None):

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from maskdit_ds import load_pretrained  # noqa: E402
 from maskdit_ds.config import load_config  # noqa: E402
 from maskdit_ds.dist import free_port  # noqa: E402
-from maskdit_ds.data.digits import DigitsJudge, load_digits_arrays  # noqa: E402
+from maskdit_ds.data.digits import DigitsDataset, DigitsJudge, load_digits_arrays  # noqa: E402
 from maskdit_ds.evaluation.metrics import frechet_distance, gaussian_stats  # noqa: E402
 from maskdit_ds.model import get_size, train_flops  # noqa: E402
 from maskdit_ds.sample import SamplerConfig, generate, image_grid, to_uint8  # noqa: E402
@@ -99,11 +99,8 @@ class Judges:
 
 def real_digits_uint8(classes) -> np.ndarray:
     """The real digits of `classes` as the trainer sees them (16 px), quantised like samples: uint8 NHWC."""
-    from maskdit_ds.data import build_dataset
-
-    cfg = load_config("maskdm_digits_finetune", ["data.fraction=1.0", f"data.classes={list(classes)}"])
-    data = build_dataset(cfg.data, cfg.model, cfg.run.seed)
-    return to_uint8(torch.stack([data[i]["x"] for i in range(len(data))]))
+    digits = DigitsDataset(load_config("maskdm_digits_finetune").data.resolution)
+    return to_uint8(digits.x[torch.isin(digits.y, torch.tensor(list(classes)))])
 
 
 def training_subset_score(judges: Judges, seed: int) -> dict:
