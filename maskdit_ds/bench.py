@@ -11,18 +11,20 @@ import time
 import torch
 
 from . import dist
-from .config import load_config
-from .engine import Engine, init_distributed
+from .config import load_config, resolve_auto
+from .engine import Engine, compile_enabled, init_distributed
 from .loss import MaskedEDMLoss
-from .metrics import device_peak_tflops, peak_memory_gb
-from .model import build_denoiser, get_size, train_flops
+from .hardware import DTYPES, device_peak_tflops
+from .metrics import mfu, peak_memory_gb
+from .model import build_denoiser, gemm_shapes, get_size, train_flops
 
 
 def bench_config(model: str, input_size: int, channels: int, batch: int, precision: str):
-    return load_config("digits", [f"model.name={model}", f"model.input_size={input_size}",
-                                  f"model.in_channels={channels}", "model.num_classes=1000",
-                                  f"train.micro_batch={batch}", f"train.global_batch={batch}",
-                                  f"engine.precision={precision}", "train.stages=[]"])
+    cfg = load_config("digits", [f"model.name={model}", f"model.input_size={input_size}",
+                                 f"model.in_channels={channels}", "model.num_classes=1000",
+                                 f"train.micro_batch={batch}", f"train.global_batch={batch}",
+                                 f"engine.precision={precision}", "train.stages=[]"])
+    return resolve_auto(cfg)[0]
 
 
 def sync() -> None:
@@ -56,7 +58,7 @@ class TorchBaseline:
         fused = torch.cuda.is_available()
         self.opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                                      fused=fused)
-        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        self.dtype = None if precision == "fp32" else DTYPES[precision]
         self.scaler = torch.amp.GradScaler(enabled=precision == "fp16")
 
     def __call__(self, *args, **kwargs):
@@ -81,14 +83,26 @@ def peak_memory(fn) -> float:
     return peak_memory_gb()
 
 
-def run(model="MaskDiT-S/2", input_size=32, channels=4, batch=16, precision="bf16", ratios=(0.5, 0.0),
-        rounds=5, steps=5, warmup=3, baseline=False) -> list[dict]:
+def engines(cfg, compile: str) -> dict:
+    """DeepSpeed runners by name: eager, compiled (engine.compile=true), or both to interleave them."""
+    chosen = {"both": ("false", "true"), "on": ("true",), "off": ("false",), "auto": (cfg.engine.compile,)}[compile]
+    out = {}
+    for choice in chosen:
+        cfg.engine.compile = choice
+        name = "deepspeed+compile" if compile_enabled(choice) else "deepspeed"
+        out[name] = Engine(build_denoiser(cfg.model).to(dist.device()), cfg, world_size=1)
+    return out
+
+
+def run(model="MaskDiT-S/2", input_size=32, channels=4, batch=16, precision="auto", ratios=(0.5, 0.0),
+        rounds=5, steps=5, warmup=3, baseline=False, compile="auto") -> list[dict]:
     init_distributed()
     cfg = bench_config(model, input_size, channels, batch, precision)
     torch.manual_seed(0)
-    runners = {"deepspeed": Engine(build_denoiser(cfg.model).to(dist.device()), cfg, world_size=1)}
+    runners = engines(cfg, compile)
     if baseline:
-        runners["torch"] = TorchBaseline(build_denoiser(cfg.model).to(dist.device()), cfg.optim.lr, precision)
+        runners["torch"] = TorchBaseline(build_denoiser(cfg.model).to(dist.device()), cfg.optim.lr,
+                                         cfg.engine.precision)
     size = get_size(model)
     loss_fn = MaskedEDMLoss(size.patch_size, cfg.model.num_classes, label_dropout=0.1)
     modes = [(name, r) for name in runners for r in ratios]
@@ -98,16 +112,18 @@ def run(model="MaskDiT-S/2", input_size=32, channels=4, batch=16, precision="bf1
     for _ in range(rounds):
         for mode in modes:  # interleaved, so every mode sees the same noise
             times[mode] += time_steps(runners[mode[0]], loss_fn, cfg, mode[1], steps)
-    peak, peak_source = device_peak_tflops(precision)
     rows = []
     for name, r in modes:
         med = statistics.median(times[name, r])
         flops = train_flops(size, input_size, channels, r) * batch / med / 1e12
-        rows.append({"runner": name, "mask_ratio": r, "median_step_s": med, "images_per_s": batch / med,
-                     "tflops": flops, "mfu": flops / peak if peak else float("nan"),
+        peak, peak_source = device_peak_tflops(cfg.engine.precision, cfg.engine.tf32,
+                                               gemm_shapes(size, input_size, batch, r))
+        rows.append({"runner": name, "precision": cfg.engine.precision, "mask_ratio": r, "median_step_s": med, "images_per_s": batch / med,
+                     "tflops": flops, "mfu": mfu(flops, peak),
                      "peak_mem_gb": memory[name, r], "peak_source": peak_source,
                      "steps_timed": len(times[name, r])})
-    base = next((row for row in rows if row["mask_ratio"] == 0.0 and row["runner"] == "deepspeed"), rows[-1])
+    base = next((row for row in rows if row["mask_ratio"] == 0.0 and row["runner"].startswith("deepspeed")),
+                rows[-1])
     for row in rows:
         row["speedup_vs_unmasked"] = base["median_step_s"] / row["median_step_s"]
     return rows
@@ -117,8 +133,9 @@ def format_rows(rows: list[dict], header: str) -> str:
     lines = [header, "| runner | mask ratio | median step (s) | images/s | TFLOP/s | MFU | peak mem (GiB) "
                      "| speed-up vs DeepSpeed r=0 |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['runner']} | {r['mask_ratio']} | {r['median_step_s']:.4f} | {r['images_per_s']:.1f} | {r['tflops']:.3f} "
-                     f"| {r['mfu']:.3f} | {r['peak_mem_gb']:.2f} | {r['speedup_vs_unmasked']:.2f}x |")
+        shown = "n/a" if r["mfu"] is None else f"{r['mfu']:.3f}"
+        lines.append(f"| {r['runner']} | {r['mask_ratio']} | {r['median_step_s']:.4f} | {r['images_per_s']:.1f} "
+                     f"| {r['tflops']:.3f} | {shown} | {r['peak_mem_gb']:.2f} | {r['speedup_vs_unmasked']:.2f}x |")
     lines.append(f"(MFU against: {rows[0]['peak_source']}; {rows[0]['steps_timed']} timed steps per mode, "
                  f"interleaved)")
     return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -11,13 +12,12 @@ from pathlib import Path
 
 import yaml
 
+from .errors import ConfigError
+
 PRESET_DIR = Path(__file__).parent / "configs"
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
-PRECISIONS = ("fp16", "bf16", "fp32")
-
-
-class ConfigError(ValueError):
-    """A config problem, named by its dotted key."""
+DS_CONFIG_DIR = Path(__file__).parent / "ds_configs"  # engine mechanics per precision, shipped with the package
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")  # = hardware.PRECISIONS (kept here so that parsing needs no torch)
+OPTIMIZER_CHOICES = ("auto", "torch_fused", "torch", "deepspeed_fused")  # engine.OPTIMIZERS plus auto
 
 
 @dataclass
@@ -75,9 +75,11 @@ class OptimConfig:
 
 @dataclass
 class EngineConfig:
-    precision: str = "fp16"  # fp16 (dynamic loss scaling) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 on GPUs and CPUs that have it, else fp16 GPU / fp32 CPU) | fp16 | bf16 | fp32
     ds_config: str = ""  # engine-mechanics JSON; empty: ds_configs/zero2_<precision>.json
     tf32: bool = True  # allow TF32 matmuls on GPU in fp32 runs
+    optimizer: str = "auto"  # AdamW kernel: auto (torch_fused on GPU, torch on CPU) / torch_fused / torch / deepspeed_fused (JIT build)
+    compile: str = "auto"  # torch.compile each transformer block: auto (on for GPUs, off for CPUs) / true / false
 
 
 @dataclass
@@ -100,6 +102,8 @@ class TrainConfig:
     keep_last: int = 3  # resumable checkpoints kept on disk
     grid_every: int = 10000  # EMA sample grid to TensorBoard every N steps (0: off)
     max_skipped_streak: int = 100  # consecutive fp16 overflow-skipped steps that stop the run
+    resume: str = "auto"  # auto: from the newest usable checkpoint (stops if checkpoints exist but none is usable) / never: start over, moving the old checkpoints, exports and stats to archive/<time>/
+    allow_config_change: list = field(default_factory=list)  # keys (or sections) that may differ from the checkpoint's config on resume although they normally must not
     stages: list = field(default_factory=list)  # optional list of StageConfig dicts run back to back
 
 
@@ -110,6 +114,7 @@ class SampleConfig:
     sigma_min: float = 0.002  # EDM noise range and time-step spacing
     sigma_max: float = 80.0  # see sigma_min
     rho: float = 7.0  # see sigma_min
+    precision: str = "auto"  # network autocast for grids, in-training FID and final samples: auto (bf16/fp16 on GPUs, fp32 on CPUs) / fp32 / bf16 / fp16
     final_samples: int = 0  # after training, sample this many images with the EMA into samples.npz (0: off)
     grid_size: int = 16  # images in the TensorBoard sample grid
 
@@ -125,7 +130,7 @@ class EvalConfig:
 
 @dataclass
 class MetricsConfig:
-    peak_tflops: float = 0.0  # per-device peak for MFU; 0: known GPU table, or a measured GEMM peak on CPU
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0: the GPU's data-sheet dense peak, or on CPU the model's GEMM shapes timed in its dtype (MFU above 1 is shown as absent)
 
 
 @dataclass
@@ -168,7 +173,9 @@ def _coerce(key: str, value, annotation):
             return int(value)  # kept as text by parse_override ("0010")
         except ValueError:
             pass
-    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if kind is str and isinstance(value, bool):
+        return "true" if value else "false"  # engine.compile=true: YAML reads true/on/yes as booleans
+    if kind is str and isinstance(value, (int, float)):
         return str(value)  # run.name=123 on the command line
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
         raise ConfigError(f"{key}: expected {annotation}, got {type(value).__name__} {value!r}")
@@ -201,7 +208,10 @@ def parse_override(item: str) -> tuple[str, object]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
     if isinstance(value, (int, float)) and not isinstance(value, bool) and str(value) != raw.strip():
         value = raw.strip()  # a hash like 000123 or 12e45 stays text; numeric fields convert it back
     return key.strip(), value
@@ -258,9 +268,19 @@ def preset_path(name_or_path: str) -> Path:
     return preset
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """'line 3, column 7: found unexpected end of stream' from a PyYAML error (1-based positions)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (getattr(err, "problem", None) or str(err).splitlines()[0])
+
+
 def load_yaml(path: Path) -> dict:
     """A YAML file may name a parent preset with `base: <name>`; its values are merged underneath."""
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     parent = values.pop("base", None)
@@ -271,6 +291,34 @@ def load_config(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Conf
     values = load_yaml(preset_path(name_or_path))
     values = merge(values, nest(dict(parse_override(o) for o in overrides)))
     return from_dict(values)
+
+
+def resolve_auto(cfg: Config) -> tuple[Config, list[str]]:
+    """engine.precision=auto (in the run config and in any stage's overrides) -> what this machine trains best in,
+    so that config.yaml records what ran. Returns the new config and one note per resolved value (the reason)."""
+    from .hardware import resolve_precision
+
+    notes: list[str] = []
+
+    def pick(value, where: str):
+        if value != "auto":
+            return value
+        chosen, why = resolve_precision("auto")
+        notes.append(f"{where}: auto -> {chosen} ({why})")
+        return chosen
+
+    cfg = copy.deepcopy(cfg)
+    cfg.engine.precision = pick(cfg.engine.precision, "engine.precision")
+    for i, raw in enumerate(cfg.train.stages):
+        overrides = raw.get("overrides") if isinstance(raw, dict) else None
+        if not isinstance(overrides, dict):
+            continue
+        if "engine.precision" in overrides:
+            overrides["engine.precision"] = pick(overrides["engine.precision"], f"train.stages[{i}] engine.precision")
+        elif isinstance(overrides.get("engine"), dict) and "precision" in overrides["engine"]:
+            overrides["engine"]["precision"] = pick(overrides["engine"]["precision"],
+                                                    f"train.stages[{i}] engine.precision")
+    return cfg, notes
 
 
 def stage_config(cfg: Config, stage: StageConfig) -> Config:
@@ -340,17 +388,26 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, _stage:
            f"mask.strategy: {cfg.mask.strategy!r} is not one of {', '.join(STRATEGIES)}")
     _check(cfg.mask.block_size > 0, f"mask.block_size: {cfg.mask.block_size} must be positive")
     _check(0 <= cfg.loss.label_dropout < 1, f"loss.label_dropout: {cfg.loss.label_dropout} must be in [0, 1)")
+    for key, value in flatten(cfg.to_dict()).items():
+        _check(not isinstance(value, float) or math.isfinite(value), f"{key}: {value} is not a finite number")
     _check(cfg.optim.lr > 0, f"optim.lr: {cfg.optim.lr} must be positive")
     _check(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
            f"optim.betas: {cfg.optim.betas} must be two numbers in [0, 1)")
     _check(cfg.engine.precision in PRECISIONS, f"engine.precision: {cfg.engine.precision!r} not one of {PRECISIONS}")
-    ds_config_path(cfg)  # raises when missing
+    if cfg.engine.precision != "auto":  # auto is resolved on the machine that trains (resolve_auto)
+        ds_config_path(cfg)  # raises when missing
+    _check(cfg.sample.precision in PRECISIONS, f"sample.precision: {cfg.sample.precision!r} not one of {PRECISIONS}")
+    _check(cfg.engine.optimizer in OPTIMIZER_CHOICES,
+           f"engine.optimizer: {cfg.engine.optimizer!r} is not one of {', '.join(OPTIMIZER_CHOICES)}")
+    _check(cfg.engine.compile in ("auto", "true", "false"), f"engine.compile: {cfg.engine.compile!r} is not "
+           "auto, true or false")
     _check(t.micro_batch > 0 and t.global_batch > 0, "train.micro_batch and train.global_batch must be positive")
     per_step = t.micro_batch * world_size
     _check(t.global_batch % per_step == 0,
            f"train.global_batch: {t.global_batch} is not divisible by train.micro_batch x world size "
            f"= {t.micro_batch} x {world_size}")
-    _check(0 < t.ema_decay < 1, f"train.ema_decay: {t.ema_decay} must be in (0, 1)")
+    _check(0 <= t.ema_decay < 1, f"train.ema_decay: {t.ema_decay} must be in [0, 1)")
+    _check(t.resume in ("auto", "never"), f"train.resume: {t.resume!r} is not auto or never")
     _check(t.log_every > 0 and t.ckpt_every > 0 and t.keep_last > 0,
            "train.log_every, train.ckpt_every and train.keep_last must be positive")
     if t.init_from:
@@ -371,6 +428,42 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, _stage:
     if not _stage:
         warnings += ema_warnings(cfg, sum(s.steps for s in stages))
     return sorted(set(warnings))
+
+
+# What a resume must not change: the model, the data it learns from, its randomness and its objective. A
+# different global batch changes the optimisation (world size and micro-batch may change; accumulation follows).
+FROZEN_ON_RESUME = ("model", "data.source", "data.classes", "data.fraction", "data.resolution", "data.latent_scale",
+                    "run.seed", "loss", "train.global_batch")
+NOT_COMPARED = ("train.allow_config_change", "train.resume", "run.out_dir", "run.name")
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value and key != "overrides":
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _under(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def resume_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
+    """Compare the config a checkpoint was trained with to the one resuming it: (refused, allowed) lines
+    'key: saved -> now'. Refused are FROZEN_ON_RESUME keys not named in train.allow_config_change."""
+    before, now = flatten(saved), flatten(cfg.to_dict())
+    refused, allowed = [], []
+    for key in sorted(set(before) | set(now)):
+        if _under(key, NOT_COMPARED) or before.get(key) == now.get(key):
+            continue
+        line = f"{key}: {before.get(key, '(absent)')!r} -> {now.get(key, '(absent)')!r}"
+        frozen = _under(key, FROZEN_ON_RESUME) and not _under(key, cfg.train.allow_config_change)
+        (refused if frozen else allowed).append(line)
+    return refused, allowed
 
 
 def ema_warnings(cfg: Config, total_steps: int) -> list[str]:

@@ -1,11 +1,24 @@
-"""Rank, world size and rank-0 printing; safe without a process group. Maps SLURM's variables for srun launches."""
+"""Rank, world size, device and every collective: the one place that talks to torch.distributed.
+
+Safe without a process group (a world of one). Tensors handed to a collective are moved to the process group's
+device first: NCCL refuses CPU tensors ("No backend type associated with device type cpu"), gloo takes CPU ones.
+Long waits (rank 0 resharding a checkpoint, a rank finishing its last chunk of samples) use a side gloo group
+with a timeout sized for them, so the training group keeps its short one.
+"""
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 
 import torch
 import torch.distributed as tdist
+
+LONG_WAIT = datetime.timedelta(hours=float(os.environ.get("MASKDIT_LONG_WAIT_H", 6)))
+_long_group = None
+
+
+# ---------------------------------------------------------------- who am I
 
 
 def env_from_slurm() -> None:
@@ -39,18 +52,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def initialized() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
 def rank() -> int:
-    return tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else int(os.environ.get("RANK", 0))
+    return tdist.get_rank() if initialized() else int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
 
 
 def world_size() -> int:
-    if tdist.is_available() and tdist.is_initialized():
+    if initialized():
         return tdist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", 1))
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
 
 
 def is_main() -> bool:
@@ -63,26 +80,119 @@ def print0(*args, **kwargs) -> None:
 
 
 def device() -> torch.device:
-    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    """This rank's device. The local rank is taken modulo the visible GPUs: `srun --gpus-per-task 1` shows each
+    task only its own GPU (as cuda:0) while SLURM_LOCALID still counts 0..7; `--gpus-per-node 8` shows all eight."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank() % torch.cuda.device_count())
+
+
+def set_device() -> torch.device:
+    """Bind this process to its GPU (before any collective: NCCL and all_gather_object use the current device)."""
+    dev = device()
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def init_process_group(always: bool = False) -> torch.device:
+    """For programs without DeepSpeed (sampling, evaluation): join the launcher's group, nccl on GPUs, gloo on
+    CPUs, when the world has more than one rank (or `always`, e.g. to probe NCCL on one GPU). Returns this rank's
+    device."""
+    env_from_slurm()
+    if always:
+        ensure_single_process_env()
+    dev = set_device()
+    if (always or world_size() > 1) and not initialized():
+        tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda"
+                                 else None)
+    return dev
+
+
+def destroy_process_group() -> None:
+    global _long_group
+    if initialized():
+        tdist.destroy_process_group()
+    _long_group = None
+
+
+# ---------------------------------------------------------------- collectives
+
+
+def comm_device() -> torch.device:
+    """Where the default group wants its tensors: the GPU for nccl, the CPU for gloo."""
+    return device() if initialized() and tdist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def barrier() -> None:
-    if tdist.is_available() and tdist.is_initialized():
+    if initialized():
         tdist.barrier()
+
+
+def long_barrier() -> None:
+    """A barrier that waits up to LONG_WAIT (default 6 h, MASKDIT_LONG_WAIT_H) on a side gloo group, for waits
+    that outlast the training group's timeout: rank 0 resharding a checkpoint, ranks finishing uneven work."""
+    global _long_group
+    if not initialized():
+        return
+    if _long_group is None:
+        _long_group = tdist.new_group(backend="gloo", timeout=LONG_WAIT)
+    tdist.barrier(group=_long_group)
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce over ranks; returns a new tensor on the input's device (the input is not modified)."""
+    if not initialized():
+        return tensor.clone()
+    t = tensor.to(comm_device(), copy=True)
+    tdist.all_reduce(t, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX)
+    return t.to(tensor.device)
+
+
+class Pending:
+    """An all-reduce in flight; `result()` waits for it (its value one step later costs no stall)."""
+
+    def __init__(self, tensor: torch.Tensor, work=None):
+        self.tensor, self.work = tensor, work
+
+    def result(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.tensor
+
+
+def all_reduce_async(tensor: torch.Tensor) -> Pending:
+    """Start a sum over ranks without waiting for it."""
+    if not initialized():
+        return Pending(tensor.clone())
+    t = tensor.to(comm_device(), copy=True)
+    return Pending(t, tdist.all_reduce(t, op=tdist.ReduceOp.SUM, async_op=True))
 
 
 def any_rank(flag: bool) -> bool:
     """True on every rank if any rank passed True (e.g. one rank got the preemption signal)."""
-    if not (tdist.is_available() and tdist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device() if tdist.get_backend() == "nccl" else "cpu")
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return bool(all_reduce(torch.tensor([1.0 if flag else 0.0]), op="max").item() > 0)
 
 
 def all_gather_objects(obj) -> list:
-    if not (tdist.is_available() and tdist.is_initialized()):
+    """Every rank's picklable `obj`, on every rank. Small things only (flags, paths, error messages)."""
+    if not initialized():
         return [obj]
     out = [None] * tdist.get_world_size()
     tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_from_main(obj):
+    """Rank 0's `obj` on every rank."""
+    return all_gather_objects(obj if is_main() else None)[0]
+
+
+def gather_to_main(obj) -> list | None:
+    """Every rank's `obj` on rank 0 only (None elsewhere): for results too large to copy to every rank."""
+    if not initialized():
+        return [obj]
+    out = [None] * tdist.get_world_size() if is_main() else None
+    tdist.gather_object(obj, out, dst=0)
     return out

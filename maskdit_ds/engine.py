@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import deepspeed
@@ -10,7 +11,12 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from . import dist
-from .config import Config, ConfigError, ds_config_path, grad_accum
+from .config import Config, ds_config_path, grad_accum
+from .errors import ConfigError
+
+# DeepSpeed 0.19's ZeRO calls torch's old collective names; torch warns on every rank at the first step. Harmless.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
 
 # Hyperparameters live in the run config; a ds_config JSON that sets them would be a second source of truth.
 RUN_CONFIG_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -21,9 +27,20 @@ def init_distributed() -> None:
     """gloo on CPU, nccl on GPU; srun tasks get RANK etc. from SLURM's variables."""
     dist.env_from_slurm()
     dist.ensure_single_process_env()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(dist.local_rank())
+    if dist.set_device().type == "cpu":
+        skip_cpu_shm_op()
     deepspeed.init_distributed(verbose=False)
+
+
+def skip_cpu_shm_op() -> None:
+    """On the CPU accelerator DeepSpeed compiles its shared-memory all-reduce op with g++ at every process-group
+    start (30-65 s on a fresh host, silently). Only tensor-parallel inference (inference_all_reduce) uses it, and
+    DeepSpeed runs without it when the build returns None, so training skips the build."""
+    import importlib
+
+    comm = importlib.import_module("deepspeed.comm.torch")  # sys.modules' entry: deepspeed.comm.torch is shadowed
+    if getattr(comm, "build_shm_op", None) is not None:
+        comm.build_shm_op = lambda: None
 
 
 def build_ds_config(cfg: Config, world_size: int) -> dict:
@@ -44,13 +61,33 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
         train_micro_batch_size_per_gpu=cfg.train.micro_batch,
         gradient_accumulation_steps=grad_accum(cfg, world_size),
         gradient_clipping=0.0,  # SPEC section 4: no clipping
-        zero_allow_untested_optimizer=True,
         optimizer={"type": "AdamW", "params": {
             "lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay,
-            # FusedAdam JIT-compiles CUDA kernels; on CPU torch's AdamW does the same update.
-            "torch_adam": not torch.cuda.is_available()}},
+            **OPTIMIZERS[optimizer_impl(cfg.engine.optimizer)]}},
     )
     return ds
+
+
+# engine.optimizer -> DeepSpeed's AdamW parameters. torch's AdamW (ZeRO-supported, so no untested-optimizer
+# switch) needs no build; DeepSpeed's FusedAdam JIT-compiles CUDA code on first use (nvcc + ninja on every node,
+# 1-2 minutes per fresh node).
+OPTIMIZERS = {
+    "torch_fused": {"torch_adam": True, "fused": True},  # one fused kernel per step (CUDA; also CPU in torch 2.4+)
+    "torch": {"torch_adam": True},  # torch's foreach implementation
+    "deepspeed_fused": {},  # DeepSpeed FusedAdam (JIT build)
+}
+
+
+def optimizer_impl(choice: str) -> str:
+    """auto: torch's fused AdamW on GPUs, its foreach AdamW on CPUs."""
+    if choice == "auto":
+        return "torch_fused" if torch.cuda.is_available() else "torch"
+    return choice
+
+
+def compile_enabled(choice: str) -> bool:
+    """auto: compile on GPUs (inductor's CPU build costs more than it saves on short CPU runs)."""
+    return torch.cuda.is_available() if choice == "auto" else choice == "true"
 
 
 class Engine:
@@ -67,6 +104,8 @@ class Engine:
         self.config = build_ds_config(cfg, world_size)
         if load_universal:  # a checkpoint saved with another world size, converted by reshard.py
             self.config["checkpoint"] = {**self.config.get("checkpoint", {}), "load_universal": True}
+        if compile_enabled(cfg.engine.compile):
+            compile_blocks(net)
         params = [p for p in net.parameters() if p.requires_grad]
         self.ds, _, _, _ = deepspeed.initialize(model=net, model_parameters=params, config=self.config)
         self.precision = cfg.engine.precision
@@ -87,6 +126,15 @@ class Engine:
     @property
     def skipped_steps(self) -> int:
         return int(self.ds.skipped_steps)
+
+    def grad_norm_finite(self) -> torch.Tensor | None:
+        """1.0 where the last step's global gradient norm was not finite (0-dim, on device, no host sync);
+        None when DeepSpeed did not compute one."""
+        norm = self.ds.get_global_grad_norm()
+        if norm is None:
+            return None
+        norm = torch.as_tensor(norm, dtype=torch.float32, device=dist.device())
+        return (~torch.isfinite(norm)).float()
 
     @property
     def loss_scale(self) -> float:
@@ -123,6 +171,17 @@ class Engine:
         del self.ds
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def compile_blocks(net: torch.nn.Module) -> None:
+    """torch.compile each transformer block in place ("regional" compilation): blocks of one width share one
+    compiled graph, so a 28-block trunk compiles about as fast as one block, and the state-dict keys stay as they
+    are (no `_orig_mod.` prefix). A new kept-token count (a mask-ratio schedule) recompiles once, after which
+    dynamo marks the token dimension dynamic instead of recompiling at every ratio."""
+    from .model import trunk_blocks
+
+    for block in trunk_blocks(net):
+        block.compile()
 
 
 def consolidated_fp32_state(tag_dir: Path) -> dict:

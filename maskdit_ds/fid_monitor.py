@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from . import dist
-from .config import Config, ConfigError
+from .config import Config
+from .errors import ConfigError
 from .evaluation import PT_INCEPTION_SHA256, build_extractor, frechet_distance, gaussian_stats, open_images
 from .evaluation import load_reference_stats
 from .generate import load_decoder, run_generate_config, sample_images
@@ -71,7 +72,7 @@ class FIDMonitor:
         ema.eval()
         features = self.extractor.images(self.sample(ema)).pool3  # (n, 2048) float32
         ema.train(was_training)
-        parts = dist.all_gather_objects(features)
+        parts = dist.gather_to_main(features)
         if not dist.is_main():
             return None
         # The symmetric-eigh trace of sqrt(S1 S2): ADM's value to ~1e-8, without scipy sqrtm's ~30 s on a CPU.

@@ -20,17 +20,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as tdist
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import dist
 from .evaluation.npz_io import NpzImages
+from .hardware import DTYPES, sampling_precision
 from .sample import SamplerConfig, generate, image_grid, to_uint8
 
 LATENT_CHANNELS = 4  # SD KL-f8 latents; other channel counts are pixels
 CLASS_MODES = ("random", "balanced")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("auto", *DTYPES)  # network autocast; auto: bf16 (fp16) on GPUs, fp32 on CPUs
 PLAN_FILE, NPZ_FILE, JSON_FILE, GRID_FILE = "plan.json", "samples.npz", "samples.json", "samples.png"
 
 
@@ -41,7 +41,8 @@ class GenerateConfig:
     class_mode: str = "random"  # random: uniform from each seed's generator | balanced: equal counts, shuffled
     batch_size: int = 64  # images per network batch per rank
     chunk_size: int = 1000  # images per resumable chunk file
-    precision: str = "fp32"  # network precision (autocast); the solver state is float64 either way
+    precision: str = "auto"  # network autocast: auto (bf16/fp16 on GPUs, fp32 on CPUs) / fp32 / bf16 / fp16;
+    # the EDM scalings stay fp32 and the solver state float64 either way
     rounding: str = "floor"  # floor((x+1) 127.5) like the reference; round: 127.5 x + 128 (DiT)
     vae: str = ""  # diffusers AutoencoderKL folder / file / hub id; needed for latent models only
     latent_scale: float = 0.18215
@@ -58,7 +59,7 @@ def run_generate_config(cfg, batch_size: int) -> GenerateConfig:
     sampler = SamplerConfig(steps=sample.steps, guidance=sample.guidance, sigma_min=sample.sigma_min,
                             sigma_max=sample.sigma_max, rho=sample.rho)
     return GenerateConfig(batch_size=batch_size, vae=cfg.data.vae if cfg.data.source == "latents" else "",
-                          latent_scale=cfg.data.latent_scale, sampler=sampler)
+                          latent_scale=cfg.data.latent_scale, sampler=sampler, precision=sample.precision)
 
 
 # ---------------------------------------------------------------- inputs
@@ -165,10 +166,11 @@ def to_pixels(samples: torch.Tensor, vae, gcfg: GenerateConfig) -> np.ndarray:
 
 
 def autocast(precision: str, device: torch.device):
-    dtype = PRECISIONS[precision]
-    if dtype is None:
+    """The network's matmuls in `precision` (auto resolved here); fp32 runs without autocast."""
+    precision = sampling_precision(precision)
+    if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
 
 
 def sample_images(net, seeds, labels, shape, gcfg: GenerateConfig, device, vae=None,
@@ -232,20 +234,6 @@ def write_adm_npz(path: Path, chunk_files: list[Path], total: int) -> np.ndarray
 # ---------------------------------------------------------------- distributed
 
 
-def init_distributed() -> torch.device:
-    """torchrun / accelerate launch / srun set RANK and WORLD_SIZE; join their group (gloo on CPU, nccl on GPU)."""
-    dist.env_from_slurm()
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not tdist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(dist.local_rank())
-        tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.device()
-
-
-def broadcast_from_main(obj):
-    return dist.all_gather_objects(obj)[0]
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -278,9 +266,10 @@ def run_generation(model_path, out, gcfg: GenerateConfig, progress: bool = True)
     if not gcfg.vae and data.get("vae"):
         gcfg.vae, gcfg.latent_scale = data["vae"], float(data.get("latent_scale", gcfg.latent_scale))
     check_config(gcfg, export_cfg["model"])
-    device = init_distributed()
+    device = dist.init_process_group()
+    gcfg.precision = sampling_precision(gcfg.precision)  # recorded as what ran (resume must match it)
     record = settings_record(gcfg, folder, export_cfg)
-    if broadcast_from_main(already_complete(out, record) if dist.is_main() else None):
+    if dist.broadcast_from_main(already_complete(out, record) if dist.is_main() else None):
         dist.print0(f"[generate] {out / NPZ_FILE} is already complete with these settings")
         return out / NPZ_FILE if dist.is_main() else None
     error = None
@@ -289,13 +278,13 @@ def run_generation(model_path, out, gcfg: GenerateConfig, progress: bool = True)
             prepare_out(out, record)
         except ValueError as e:
             error = str(e)
-    error = broadcast_from_main(error)
+    error = dist.broadcast_from_main(error)
     if error:
         raise ValueError(error)
 
     n, size = gcfg.num_images, gcfg.chunk_size
     chunks = [(k, min(size, n - k * size)) for k in range(math.ceil(n / size))]
-    missing = broadcast_from_main([k for k, count in chunks if not chunk_done(out, k, count)]
+    missing = dist.broadcast_from_main([k for k, count in chunks if not chunk_done(out, k, count)]
                                   if dist.is_main() else None)
     net = ckpt.load_pretrained(folder, device)
     vae, vae_info = load_decoder(gcfg.vae, device)
@@ -316,7 +305,7 @@ def run_generation(model_path, out, gcfg: GenerateConfig, progress: bool = True)
         bar.update(min(chunks[k][1] * dist.world_size(), bar.total - bar.n))  # rank 0's view, times the ranks
     bar.close()
     elapsed = time.time() - start
-    dist.barrier()
+    dist.long_barrier()  # ranks finish their last chunk at different times; a chunk may outlast the pg timeout
     generated = sum(chunks[k][1] for k in missing)
     if not dist.is_main():
         return None

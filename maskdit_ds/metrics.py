@@ -9,41 +9,21 @@ from pathlib import Path
 
 import torch
 
-# Dense peak TFLOP/s per device (fp16/bf16 tensor cores; fp32 = TF32 where the card has it).
-GPU_PEAKS = {"A100": {"half": 312.0, "fp32": 156.0}, "H100": {"half": 989.0, "fp32": 494.0},
-             "H200": {"half": 989.0, "fp32": 494.0}, "V100": {"half": 125.0, "fp32": 15.7}}
-
-
-def measured_cpu_peak(precision: str) -> float:
-    """A CPU has no data-sheet peak we can trust: time a 1024^3 GEMM in the run's dtype (best of 5)."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-    # Its own generator: drawing from the global RNG here would shift the training noise after a resume.
-    a = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)).to(dtype)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - start)
-    return 2 * 1024**3 / best / 1e12
-
-
-def device_peak_tflops(precision: str, configured: float = 0.0) -> tuple[float, str]:
-    if configured > 0:
-        return configured, "configured"
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, peaks in GPU_PEAKS.items():
-            if key in name:
-                return peaks["fp32" if precision == "fp32" else "half"], name
-        return 0.0, f"unknown GPU {name}"
-    return measured_cpu_peak(precision), "measured CPU GEMM"
-
 
 def peak_memory_gb() -> float:
     """Peak GPU memory allocated, or peak resident memory of this process on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def mfu(tflops: float, peak_tflops: float) -> float | None:
+    """Achieved / peak. None (absent) without a known peak, or when the ratio leaves [0, 1]: then the peak does
+    not describe this work (a CPU measurement disturbed by other load, say) and a number would mislead."""
+    if peak_tflops <= 0:
+        return None
+    ratio = tflops / peak_tflops
+    return ratio if 0.0 <= ratio <= 1.0 else None
 
 
 class Throughput:
@@ -65,10 +45,26 @@ class Throughput:
             torch.cuda.synchronize()
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         tflops = self.flops / elapsed / 1e12
-        mfu = tflops / (self.peak * self.world) if self.peak > 0 else float("nan")
-        out = {"images_per_s": self.images / elapsed, "tflops": tflops, "mfu": mfu, "peak_mem_gb": peak_memory_gb()}
+        out = {"images_per_s": self.images / elapsed, "tflops": tflops, "mfu": mfu(tflops, self.peak * self.world),
+               "peak_mem_gb": peak_memory_gb()}
         self.reset()
         return out
+
+
+def truncate_stats(path: Path, step: int) -> None:
+    """Drop stats.jsonl lines after `step` (a crash-resume replays them), atomically; torn lines go too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by the crash
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
 
 
 class RunLogger:
@@ -82,8 +78,13 @@ class RunLogger:
         from tqdm import tqdm
 
         run_dir.mkdir(parents=True, exist_ok=True)
+        truncate_stats(run_dir / "stats.jsonl", start_step)
         self.stats = open(run_dir / "stats.jsonl", "a")
-        self.tb = SummaryWriter(str(run_dir / "tb"))
+        # purge_step: TensorBoard drops the earlier files' events from start_step on (logged after the checkpoint
+        # that a crashed run resumes from), so resumed curves do not overlap themselves
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
+        if start_step:
+            self.tb.add_text("run", f"resumed at step {start_step}", start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stdout,
                         mininterval=1.0)
 
@@ -93,11 +94,11 @@ class RunLogger:
         self.stats.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         self.stats.flush()
         for key, value in values.items():
-            if isinstance(value, (int, float)):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.tb.add_scalar(key, value, step)
         shown = ("loss", "dsm", "mae", "lr", "mask_ratio", "loss_scale", "images_per_s", "tflops", "mfu",
                  "peak_mem_gb")
-        self.bar.set_postfix({k: f"{values[k]:.4g}" for k in shown if k in values}, refresh=False)
+        self.bar.set_postfix({k: f"{values[k]:.4g}" for k in shown if values.get(k) is not None}, refresh=False)
 
     def image(self, tag: str, grid_hwc, step: int) -> None:
         if self.enabled:

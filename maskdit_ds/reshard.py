@@ -115,5 +115,5 @@ def resume_source(tag_dir: Path, world_size: int) -> tuple[Path, str, bool]:
         ready = ckpt.check_tag(out) is None and saved_world_size(out) == world_size
         if not ready:
             reshard(tag_dir, world_size)
-    dist.barrier()
+    dist.long_barrier()  # resharding an XL/2 checkpoint can outlast the training group's timeout
     return out, f"{tag_dir.name}/{UNIVERSAL}", True

@@ -122,3 +122,20 @@ def image_grid(images_uint8: np.ndarray, columns: int = 0) -> np.ndarray:
         r, col = divmod(i, cols)
         grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = img
     return grid
+
+
+def class_grid(images_uint8: np.ndarray, labels: np.ndarray, rows: int = 10, columns: int = 10,
+               min_side: int = 64, gap: int = 2) -> np.ndarray:
+    """A picture to read at a glance: one row per class in label order (the first `rows` classes present),
+    up to `columns` of its samples, each tile upscaled (nearest) to at least `min_side` px, white gaps between.
+    images_uint8 (N, H, W, 3), labels (N,) -> (rows' * (S + gap) + gap, columns * (S + gap) + gap, 3)."""
+    n, h, w, c = images_uint8.shape
+    scale = max(1, -(-min_side // max(h, w)))  # ceil: 16 px digits -> 4x
+    th, tw = h * scale, w * scale
+    classes = np.unique(labels)[:rows]
+    grid = np.full((len(classes) * (th + gap) + gap, columns * (tw + gap) + gap, c), 255, dtype=np.uint8)
+    for r, cls in enumerate(classes):
+        for col, i in enumerate(np.flatnonzero(labels == cls)[:columns]):
+            top, left = gap + r * (th + gap), gap + col * (tw + gap)
+            grid[top : top + th, left : left + tw] = images_uint8[i].repeat(scale, 0).repeat(scale, 1)
+    return grid

@@ -23,5 +23,7 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     the fp32 masters instead would need an all-gather of the ZeRO partitions every step; the copy's rounding error
     (2^-11 relative for fp16) is unbiased and averages out over the EMA's 1/(1 - decay) step window.
     """
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().float(), 1.0 - decay)
+    ema_params, params = list(ema.parameters()), [p.detach() for p in model.parameters()]
+    for start in range(0, len(params), 64):  # foreach kernels over groups: few launches, bounded fp32 copies
+        chunk = [p.float() for p in params[start:start + 64]]  # no copy when the model is fp32 already
+        torch._foreach_lerp_(ema_params[start:start + 64], chunk, 1.0 - decay)

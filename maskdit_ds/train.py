@@ -8,7 +8,6 @@ import copy
 import dataclasses
 import json
 import random
-import signal
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,23 +17,21 @@ from safetensors.torch import load_file
 
 from . import checkpoint as ckpt
 from . import dist
-from .config import Config, ConfigError, grad_accum, save_config, stage_config, stages_of, validate
+from .config import (Config, grad_accum, resolve_auto, save_config, stage_config, stages_of,
+                     validate)
 from .data import DigitsJudge, ResumableLoader, build_dataset, to_model_input
 from .engine import Engine, build_ds_config, consolidated_fp32_state, init_distributed
-from .generate import decode, load_decoder, run_generate_config, sample_images
+from .errors import EXIT_PREEMPTED, ConfigError, RunDirBusy, TrainingError
+from .generate import autocast, decode, load_decoder, run_generate_config, sample_images
+from .hardware import device_peak_tflops, half_precision_warning
+from .lifecycle import RunLock, StopRequest
 from .loss import MaskedEDMLoss
-from .metrics import RunLogger, Throughput, device_peak_tflops
-from .model import build_denoiser, get_size, train_flops
+from .metrics import RunLogger, Throughput
+from .model import build_denoiser, gemm_shapes, get_size, train_flops
 from .model.masking import make_mask
 from .reshard import resume_source
-from .sample import SamplerConfig, generate, image_grid, to_uint8
+from .sample import SamplerConfig, class_grid, generate, image_grid, to_uint8
 from .schedules import ema_update, mask_ratio_at
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on a signal; the SLURM template requeues on this code
-
-
-class TrainingError(RuntimeError):
-    """The run cannot continue meaningfully (NaN loss, fp16 overflow storm)."""
 
 
 @dataclasses.dataclass
@@ -43,25 +40,6 @@ class TrainState:
     stage: int = 0  # index into the stage list
     stage_step: int = 0  # optimizer steps done in the current stage
     images_seen: int = 0
-
-
-class Preemption:
-    """SIGUSR1 (SLURM --signal) or SIGTERM: finish the step in flight, save on every rank, exit 75."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def exiting(self):
-        """Saved; only exit 75 is left. `srun --kill-on-bad-exit` SIGTERMs the other ranks as soon as the first one
-        exits 75, and Python's shutdown restores the default (fatal) handlers, so a rank still shutting down would
-        end 143; ignoring TERM/USR1 from here keeps every rank's code 75 (SLURM SIGKILLs after KillWait anyway)."""
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------- state that must survive a resume
@@ -155,22 +133,61 @@ def init_from(path: Path, net, ema, state: TrainState, reset_ema: bool) -> dict:
 # ---------------------------------------------------------------- one stage
 
 
+class Health:
+    """Per step, [non-finite losses or gradient norm, stop requested] summed over ranks without a host sync of its
+    own: each step's all-reduce starts asynchronously and is read one step later (long finished by then), or at
+    once before a checkpoint or a log line, so that no checkpoint is ever written after a non-finite step.
+
+    fp16 steps are not checked for non-finite values: dynamic loss scaling overflows (and skips) on purpose; its
+    runaway is the consecutive-skip limit instead.
+    """
+
+    def __init__(self, precision: str, ckpt_dir: Path):
+        self.check_finite, self.ckpt_dir = precision != "fp16", ckpt_dir
+        self.pending: list[tuple[int, dist.Pending]] = []
+        self.stop = False  # some rank asked to stop (seen in a step's reduced flags)
+
+    def push(self, step: int, nonfinite: torch.Tensor, stop_requested: bool) -> None:
+        """Start step `step`'s reduction; check the previous step's, which has long completed."""
+        flags = torch.stack([nonfinite.float().reshape(()), torch.tensor(float(stop_requested), device=nonfinite.device)])
+        self.pending.append((step, dist.all_reduce_async(flags)))
+        while len(self.pending) > 1:
+            self._check(*self.pending.pop(0))
+
+    def flush(self) -> None:
+        """Check every step so far (waits for the last reduction): before a checkpoint, a log line, the end."""
+        while self.pending:
+            self._check(*self.pending.pop(0))
+
+    def _check(self, step: int, pending: dist.Pending) -> None:
+        nonfinite, stop = pending.result().tolist()
+        self.stop = self.stop or stop > 0
+        if self.check_finite and nonfinite > 0:
+            tags = ckpt.list_tags(self.ckpt_dir)
+            last = f"the last good checkpoint is {self.ckpt_dir / tags[-1]}" if tags else "no checkpoint was written"
+            raise TrainingError(f"step {step}: non-finite loss or gradient norm on some rank (the run diverged); "
+                                f"nothing was saved after it, and {last}. Lower optim.lr or change precision.")
+
+
 def run_stage(cfg: Config, steps: int, engine: Engine, ema, loader: ResumableLoader, state: TrainState,
-              logger: RunLogger, preemption: Preemption, total_steps: int, fid_monitor=None) -> int | None:
+              logger: RunLogger, stop: StopRequest, total_steps: int, fid_monitor=None) -> int | None:
     """Train until the stage has `steps` optimizer steps. Returns EXIT_PREEMPTED if stopped by a signal."""
     device, world = dist.device(), dist.world_size()
     size = get_size(cfg.model.name)
     loss_fn = MaskedEDMLoss(size.patch_size, cfg.model.num_classes, cfg.loss.P_mean, cfg.loss.P_std,
                             cfg.model.sigma_data, cfg.loss.mae_weight, cfg.loss.label_dropout)
     accum = grad_accum(cfg, world)
-    peak, _ = device_peak_tflops(cfg.engine.precision, cfg.metrics.peak_tflops)
+    shapes = gemm_shapes(size, cfg.model.input_size, cfg.train.micro_batch, cfg.mask.ratio)
+    peak, _ = device_peak_tflops(cfg.engine.precision, cfg.engine.tf32, shapes, cfg.metrics.peak_tflops)
     meter = Throughput(lambda r: train_flops(size, cfg.model.input_size, cfg.model.in_channels, r), peak, world)
     sums, streak = defaultdict(lambda: torch.zeros((), device=device, dtype=torch.float64)), 0
+    health = Health(cfg.engine.precision, cfg.run_dir / "checkpoints")
     batches = iter(loader)
 
     while state.stage_step < steps:
         ratio = mask_ratio_at(cfg.mask.ratio, cfg.mask.schedule, state.stage_step / steps, cfg.mask.power)
         skipped_before = engine.skipped_steps
+        nonfinite = torch.zeros((), device=device)
         for _ in range(accum):  # DeepSpeed applies the optimizer on the last micro-batch
             batch = next(batches)
             x = to_model_input(batch["x"].to(device, non_blocking=True), cfg.data)
@@ -181,7 +198,9 @@ def run_stage(cfg: Config, steps: int, engine: Engine, ema, loader: ResumableLoa
             for key, value in (("loss", loss.detach()), *parts.items()):
                 sums[key] += value.double().sum()
             sums["count"] += loss.shape[0]
-            sums["nonfinite"] += (~torch.isfinite(loss.detach())).sum()
+            nonfinite += (~torch.isfinite(loss.detach())).sum()
+        grad_bad = engine.grad_norm_finite()
+        health.push(state.step + 1, nonfinite if grad_bad is None else nonfinite + grad_bad, stop.requested)
         state.step, state.stage_step = state.step + 1, state.stage_step + 1
         state.images_seen += cfg.train.global_batch
         meter.add(cfg.train.global_batch, ratio)
@@ -195,21 +214,26 @@ def run_stage(cfg: Config, steps: int, engine: Engine, ema, loader: ResumableLoa
                                 f"{engine.loss_scale:g}); the run diverged. Lower optim.lr or use bf16/fp32.")
 
         last = state.stage_step == steps
+        checkpoint_due = state.step % cfg.train.ckpt_every == 0 or last
         if state.step % cfg.train.log_every == 0 or last:
+            health.flush()
             log_window(cfg, engine, state, sums, ratio, meter, logger, loader)
             sums.clear()
         if cfg.train.grid_every and state.step % cfg.train.grid_every == 0:
             log_grid(cfg, ema, logger, state.step)
         if fid_monitor is not None and fid_monitor.due(state.step):  # collective: every rank samples its share
             logger.scalars(state.step, {"fid": fid_monitor(state.step, ema)})
-        stop = dist.any_rank(preemption.requested)
-        if state.step % cfg.train.ckpt_every == 0 or last or stop:
+        if checkpoint_due or health.stop:
+            health.flush()  # never save after a non-finite step; and every rank agrees on stopping here
             save_checkpoint(engine, ema, state, loader, cfg, logger)
         logger.advance()
-        if stop:
-            logger.message(f"[preempt] signal received: saved step {state.step}, exiting {EXIT_PREEMPTED}")
-            preemption.exiting()
+        if health.stop:
+            reasons = [r for r in dist.all_gather_objects(stop.reason) if r]
+            logger.message(f"[stop] {reasons[0] if reasons else 'stop requested'}: saved step {state.step}, "
+                           f"exiting {EXIT_PREEMPTED}")
+            stop.exiting()
             return EXIT_PREEMPTED
+    health.flush()
     return None
 
 
@@ -222,14 +246,8 @@ def structured_mask(cfg: Config, n: int, ratio: float, device):
 
 
 def log_window(cfg, engine, state, sums, ratio, meter, logger, loader) -> None:
-    keys = ["loss", "dsm", "mae", "count", "nonfinite"]
-    totals = torch.stack([sums[k] for k in keys]).cpu()
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(totals)  # float64 on CPU works for gloo and is tiny for nccl via .cpu()
-    values = dict(zip(keys, totals.tolist()))
-    if values["nonfinite"] > 0 and cfg.engine.precision != "fp16":
-        raise TrainingError(f"step {state.step}: {int(values['nonfinite'])} non-finite per-sample losses in "
-                            f"{cfg.engine.precision}; stopping instead of training on garbage")
+    keys = ["loss", "dsm", "mae", "count"]
+    values = dict(zip(keys, dist.all_reduce(torch.stack([sums[k] for k in keys])).tolist()))
     count = max(values["count"], 1)
     stats = {"loss": values["loss"] / count, "dsm": values["dsm"] / count, "mae": values["mae"] / count,
              "lr": engine.lr, "mask_ratio": ratio, "loss_scale": engine.loss_scale,
@@ -246,8 +264,9 @@ def log_grid(cfg: Config, ema, logger: RunLogger, step: int) -> None:
     n, classes = cfg.sample.grid_size, cfg.model.num_classes
     sampler = SamplerConfig(steps=cfg.sample.steps, guidance=cfg.sample.guidance)
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
-    images, _ = generate(ema, list(range(n)), shape, classes, sampler, dist.device(),
-                         class_labels=torch.arange(n) % classes)
+    with autocast(cfg.sample.precision, dist.device()):
+        images, _ = generate(ema, list(range(n)), shape, classes, sampler, dist.device(),
+                             class_labels=torch.arange(n) % classes)
     if cfg.data.source == "latents":
         images = decode_latents(images, cfg)
     logger.image("samples/ema", image_grid(to_uint8(images.float())), step)
@@ -282,7 +301,7 @@ def final_samples(cfg: Config, ema, logger: RunLogger) -> None:
     gcfg = run_generate_config(cfg, batch_size=128)
     vae = load_decoder(gcfg.vae, dist.device())[0]
     pixels, labels = sample_images(ema, seeds, None, shape, gcfg, dist.device(), vae, progress=dist.is_main())
-    parts = dist.all_gather_objects((seeds, pixels, labels))
+    parts = dist.gather_to_main((seeds, pixels, labels))  # pixels go to rank 0 only
     if not dist.is_main():
         return
     order = np.argsort(np.concatenate([p[0] for p in parts]))
@@ -291,7 +310,7 @@ def final_samples(cfg: Config, ema, logger: RunLogger) -> None:
     np.savez(cfg.run_dir / "samples.npz", arr_0=pixels, arr_1=classes)
     from PIL import Image
 
-    Image.fromarray(image_grid(pixels[:100], columns=10)).save(cfg.run_dir / "samples.png")
+    Image.fromarray(class_grid(pixels, classes)).save(cfg.run_dir / "samples.png")
     report = {"num_samples": int(n), "guidance": cfg.sample.guidance, "steps": cfg.sample.steps}
     if cfg.data.source == "digits":
         as_float = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -331,21 +350,60 @@ def yaml_dump(values: dict) -> str:
 
 def dry_run(cfg: Config, world: int) -> int:
     """Validate, print and save the config and the final DeepSpeed configs; start nothing."""
+    cfg, notes = resolve_auto(cfg)
     warnings = validate(cfg, world, check_paths=False)
     print(describe(cfg, world), flush=True)
+    for note in notes:
+        print(f"precision: {note}", flush=True)
     for warning in warnings:
         print(f"warning: {warning}", flush=True)
     return 0
 
 
-def train(cfg: Config) -> int:
-    # 1. World and config: every error here happens before any heavy work.
-    init_distributed()
-    rank, world, device = dist.rank(), dist.world_size(), dist.device()
+def prepare(cfg: Config, world: int) -> tuple[Config, list]:
+    """Resolve `auto`, validate, and say what will run. Every error here happens before any heavy work."""
+    cfg, notes = resolve_auto(cfg)
+    for note in notes:
+        dist.print0(f"[precision] {note}")
+    stage_cfgs = [stage_config(cfg, s) for s in stages_of(cfg)] if cfg.train.stages else [cfg]
+    if dist.is_main():
+        for precision in sorted({c.engine.precision for c in stage_cfgs}):
+            warning = half_precision_warning(precision)
+            if warning:
+                dist.print0(f"warning: {warning}")
     for warning in validate(cfg, world):
         dist.print0(f"warning: {warning}")
+    return cfg, stage_cfgs
+
+
+def lock_run_dir(cfg: Config) -> RunLock:
+    """Collective: rank 0 takes <run_dir>/run.lock; every rank raises RunDirBusy if another run holds it."""
+    lock, error = RunLock(cfg.run_dir, say=dist.print0), None
+    if dist.is_main():
+        try:
+            lock.acquire()
+        except RunDirBusy as err:
+            error = str(err)
+    error = dist.all_gather_objects(error)[0]
+    if error:
+        raise RunDirBusy(error)
+    return lock
+
+
+def train(cfg: Config) -> int:
+    init_distributed()
+    cfg, stage_cfgs = prepare(cfg, dist.world_size())
+    lock = lock_run_dir(cfg)
+    try:
+        return train_locked(cfg, stage_cfgs)
+    finally:
+        lock.release()
+
+
+def train_locked(cfg: Config, stage_cfgs: list) -> int:
+    # 1. World and config (validated by prepare), saved before anything is trained.
+    rank, world, device = dist.rank(), dist.world_size(), dist.device()
     stages = stages_of(cfg)
-    stage_cfgs = [stage_config(cfg, s) if cfg.train.stages else cfg for s in stages]
     if dist.is_main():
         save_config(cfg, cfg.run_dir / "config.yaml")
         ds_configs = [build_ds_config(c, world) for c in stage_cfgs]
@@ -361,7 +419,7 @@ def train(cfg: Config) -> int:
     ema = copy.deepcopy(net).to(device).eval().requires_grad_(False)
     state, resume = TrainState(), dist.all_gather_objects(
         ckpt.latest_good_tag(cfg.run_dir / "checkpoints", warn=dist.print0) if dist.is_main() else None)[0]
-    resumed, ds_tag, universal = None, resume, False
+    resumed, ds_tag, universal, data_state = None, resume, False, None
     if resume:
         tag_dir = cfg.run_dir / "checkpoints" / resume
         # Saved on another world size: rank 0 makes <tag>/universal (DeepSpeed universal checkpoint + per-rank
@@ -372,22 +430,29 @@ def train(cfg: Config) -> int:
         ema.load_state_dict(load_file(str(tag_dir / "ema.safetensors")))
         dist.print0(f"[resume] from {tag_dir} (step {state.step}, stage {state.stage})"
                     + (f", resharded to {world} ranks via {state_dir}" if universal else ""))
+        data_state = resumed["data"]  # the data position carries across stages
+        if state.stage_step >= stages[state.stage].steps:  # saved at the end of a stage: nothing left of it
+            net.load_state_dict(consolidated_fp32_state(tag_dir))
+            set_rng_state(resumed["rng"])
+            resumed = None
+            state.stage, state.stage_step = state.stage + 1, 0
+            if state.stage == len(stages):
+                dist.print0(f"[resume] training already finished at step {state.step}; nothing left to train")
     elif cfg.train.init_from:
         record = init_from(Path(cfg.train.init_from), net, ema, state, cfg.train.reset_ema)
         if dist.is_main():
             ckpt.atomic_write_text(cfg.run_dir / "lineage.json", json.dumps({**lineage(cfg), **record}, indent=2))
         dist.print0(f"[init] {record}")
 
-    total = state.step - state.stage_step + sum(s.steps for s in stages[state.stage :])
+    total = state.step - state.stage_step + sum(s.steps for s in stages[state.stage:])
     logger = RunLogger(cfg.run_dir, dist.is_main(), total_steps=total, start_step=state.step)
-    preemption = Preemption()
+    stop = StopRequest(say=dist.print0)
     fid_monitor = None
     if cfg.eval.fid_every:  # fails on every rank, before training, if weights or reference are wrong
         from .fid_monitor import FIDMonitor
 
         fid_monitor = FIDMonitor(cfg)
     # 4. Stages: a new engine at each boundary (precision, optimizer and lr may change; the EMA continues).
-    data_state = resumed["data"] if resumed else None  # the data position carries across stages
     for index in range(state.stage, len(stages)):
         scfg = stage_cfgs[index]
         loader = ResumableLoader(dataset, scfg.train.micro_batch, rank, world, cfg.run.seed,
@@ -401,7 +466,7 @@ def train(cfg: Config) -> int:
             resumed = None
         logger.message(f"[stage {index}] {stages[index].name}: {stages[index].steps} steps, "
                        f"{scfg.engine.precision}, mask ratio {scfg.mask.ratio}, lr {scfg.optim.lr}")
-        code = run_stage(scfg, stages[index].steps, engine, ema, loader, state, logger, preemption, total,
+        code = run_stage(scfg, stages[index].steps, engine, ema, loader, state, logger, stop, total,
                          fid_monitor)
         if code is not None:
             logger.close()
@@ -409,13 +474,14 @@ def train(cfg: Config) -> int:
         data_state = loader.state_dict()
         weights = engine.full_fp32_state()  # hand the fp32 masters to the next stage
         engine.release()
-        net = build_denoiser(cfg.model)
+        with torch.random.fork_rng(devices=[]):  # its random init is overwritten; a resume at this boundary
+            net = build_denoiser(cfg.model)  # skips it, so it must not move the RNG
         net.load_state_dict(weights)
         if index + 1 < len(stages):
             state.stage, state.stage_step = index + 1, 0
 
     # 5. Samples from the EMA.
     final_samples(cfg, ema, logger)
-    preemption.exiting()  # the run is complete: a late SLURM signal must not turn exit 0 into 143
+    stop.exiting()  # the run is complete: a late SLURM signal must not turn exit 0 into 143
     logger.close()
     return 0

@@ -34,6 +34,9 @@ maskdit_env() {
   export MASTER_ADDR
   export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}  # data loading threads per rank
+  # SLURM >= 22.05 no longer passes sbatch's --cpus-per-task on to srun: without this each task gets one CPU and
+  # the data loader workers starve.
+  if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
 
   # NCCL (GPU clusters; ignored on CPU). Defaults only; export your own before sbatch to override.
   #   NCCL_DEBUG=INFO               prints the chosen transport (IB / socket) and ring per rank: use on a first run.

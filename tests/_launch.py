@@ -12,8 +12,10 @@ from pathlib import Path
 from maskdit_ds.dist import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+# fp32 unless a test is about half precision: the same arithmetic on every CPU (auto would pick bf16 on some)
 TINY = ["model.name=MaskDiT-T/2", "train.stages=[]", "train.micro_batch=8", "train.global_batch=16",
-        "sample.final_samples=0", "train.grid_every=0", "train.log_every=1", "data.num_workers=0"]
+        "sample.final_samples=0", "train.grid_every=0", "train.log_every=1", "data.num_workers=0",
+        "engine.precision=fp32", "model.input_size=16", "data.resolution=16"]
 
 
 def env(**extra) -> dict:

@@ -18,7 +18,7 @@ def test_benchmark_reports_every_mode_side_by_side(tmp_path):
     assert [(r["runner"], r["mask_ratio"]) for r in rows] == [
         ("deepspeed", 0.5), ("deepspeed", 0.0), ("torch", 0.5), ("torch", 0.0)]
     for row in rows:
-        assert row["images_per_s"] > 0 and row["tflops"] > 0 and row["peak_mem_gb"] > 0 and row["mfu"] > 0
+        assert row["images_per_s"] > 0 and row["tflops"] > 0 and row["peak_mem_gb"] > 0 and 0 < row["mfu"] <= 1
         assert row["steps_timed"] == 2
     # Same wall time would mean the same TFLOP/s; masking removes half the encoder's work per image.
     masked, unmasked = rows[0], rows[1]

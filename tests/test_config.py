@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from maskdit_ds.config import ConfigError, load_config, validate
+from maskdit_ds.config import ConfigError, load_config, resolve_auto, validate
 from maskdit_ds.engine import build_ds_config
 from maskdit_ds.train import describe
 
@@ -61,7 +61,7 @@ def test_ds_config_gets_batch_and_optimizer_from_run_config():
 @pytest.mark.parametrize("preset,world", [("imagenet256", 8), ("imagenet256_tune", 8), ("imagenet512", 32),
                                           ("imagenet512_tune", 32), ("imagenet256_staged", 8), ("digits", 2)])
 def test_presets_pass_dry_run(preset, world):
-    cfg = load_config(preset)
+    cfg = resolve_auto(load_config(preset))[0]
     validate(cfg, world, check_paths=False)
     text = describe(cfg, world)
     assert "parameters:" in text and "training GFLOPs per image" in text
@@ -101,7 +101,45 @@ def test_example_ema_forgets_the_zero_init():
 
 def test_a_short_run_with_a_slow_ema_is_warned_about():
     warnings = validate(load_config("digits", ["train.ema_decay=0.999"]))
-    assert any(w.startswith("train.ema_decay: 0.999 over 750 steps leaves 47%") for w in warnings)
+    assert any(w.startswith("train.ema_decay: 0.999 over 1000 steps leaves 37%") for w in warnings)
     assert not any("ema_decay" in w for w in validate(load_config("digits")))
     tune = load_config("imagenet256_tune", ["train.init_from=/tmp", "train.steps=10"])
     assert not any("ema_decay" in w for w in validate(tune, 8, check_paths=False))  # the EMA continues
+
+
+# ------------------------------------------------------------------------------------------------ the CLI's errors
+
+
+def run_cli(capsys, *argv):
+    from maskdit_ds.__main__ import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_yaml_syntax_error_is_one_line_naming_file_and_position(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run:\n  name: x\nmodel: [unclosed\n")
+    code, _, err = run_cli(capsys, "train", "--config", str(bad), "--dry-run")
+    assert code == 2
+    assert err.strip().count("\n") == 0 and err.startswith(f"config error: {bad}: not valid YAML: line 4, column 1")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.betas=[0.9", "override 'optim.betas=[0.9': the value is not valid YAML (line 1, column 5"),
+    ("trainsteps", "override 'trainsteps' must look like section.key=value"),
+])
+def test_malformed_override_is_one_line_naming_it(capsys, override, message):
+    code, _, err = run_cli(capsys, "train", "--config", "digits", override, "--dry-run")
+    assert code == 2 and err.strip().count("\n") == 0 and err.startswith(f"config error: {message}")
+
+
+def test_dry_run_and_options_stand_anywhere_among_overrides(capsys):
+    code, out, _ = run_cli(capsys, "train", "train.micro_batch=32", "--dry-run", "optim.lr=2e-4", "--config",
+                           "digits", "--world-size", "2", "run.name=anywhere")
+    assert code == 0
+    assert "micro_batch: 32" in out and "lr: 0.0002" in out and "name: anywhere" in out and "world size: 2" in out
+    assert "precision: engine.precision: auto -> " in out  # the resolved precision and its reason
+    with pytest.raises(SystemExit):
+        run_cli(capsys, "train", "--config", "digits", "--dry-rum")

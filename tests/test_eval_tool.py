@@ -126,8 +126,10 @@ def test_stored_reference_stats_are_used_and_activations_cached(tmp_path):
         m = evaluate_npz(tmp_path / "s.npz", tmp_path / "ref.npz", ex, cache_dir=tmp_path / "cache", progress=False)
     assert ex.images_seen == 22  # arr_0 still goes through the network (precision/recall)
     acts = ex(samples)
-    assert m["fid"] == pytest.approx(frechet_distance(gaussian_stats(acts.pool3), stored[0]), rel=1e-12)
-    assert m["sfid"] == pytest.approx(frechet_distance(gaussian_stats(acts.spatial), stored[1]), rel=1e-12)
+    # rel 1e-6: evaluate_npz extracts features in batches of 8, this line in one batch; float32 matmuls block
+    # differently by batch size and CPU kernel (~1e-7 relative per feature; 2.5e-8 seen in the FID on an AVX2 CPU)
+    assert m["fid"] == pytest.approx(frechet_distance(gaussian_stats(acts.pool3), stored[0]), rel=1e-6)
+    assert m["sfid"] == pytest.approx(frechet_distance(gaussian_stats(acts.spatial), stored[1]), rel=1e-6)
     assert m["reference_stats"] == "npz" and m["num_reference_images"] == 10 and m["num_samples"] == 12
     assert len(list((tmp_path / "cache").glob("ref.acts-*-abababababababab-v1.npz"))) == 1
     ex.images_seen = 0

@@ -17,7 +17,8 @@ from maskdit_ds.fid_monitor import FIDMonitor
 from maskdit_ds.model import build_denoiser
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.name=MaskDiT-T/2", "train.stages=[]", "sample.steps=2", "eval.fid_samples=6", "eval.fid_every=2"]
+TINY = ["model.name=MaskDiT-T/2", "model.input_size=16", "data.resolution=16", "train.stages=[]", "sample.steps=2",
+        "eval.fid_samples=6", "eval.fid_every=2"]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def test_two_rank_training_logs_fid_equal_to_a_single_process_recomputation(tmp_
     sys.path.insert(0, str(REPO / "tools"))
     import digits_reference
 
-    digits_reference.main(["--out", str(real)])
+    digits_reference.main(["--out", str(real), "--resolution", "16"])
     with np.load(real) as z:
         ref = reference_from(z["arr_0"][:10], tmp_path / "digits_ref.npz", weights)
     path, sha = weights

@@ -167,7 +167,7 @@ def test_digits_samples_scored_end_to_end_by_eval_fid(tmp_path):
     sha = write_weights(weights, seed=0)
     _tool(SAMPLE).main([str(model), "--out", str(tmp_path / "s"), "--num-images", "8", "--steps", "2",
                         "--no-progress"])
-    _tool(DIGITS_REF).main(["--out", str(tmp_path / "real.npz")])
+    _tool(DIGITS_REF).main(["--out", str(tmp_path / "real.npz"), "--resolution", "16"])
     with np.load(tmp_path / "real.npz") as real:
         assert real["arr_0"].shape == (1797, 16, 16, 3) and real["arr_0"].dtype == np.uint8
         assert real["arr_1"].shape == (1797,)

@@ -3,6 +3,7 @@ a run trains and checkpoints; a preemption signal makes it checkpoint, requeue i
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import sys
@@ -21,7 +22,7 @@ CPU = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node
 # The digits preset with the tiny model, one stage, fp32: dotted overrides passed through the template's "$@".
 TINY = ["model.name=MaskDiT-T/2", "train.stages=[]", "train.micro_batch=8", "train.global_batch=16",
         "engine.precision=fp32", "sample.final_samples=0", "train.grid_every=0", "train.log_every=1",
-        "data.num_workers=0"]
+        "data.num_workers=0", "model.input_size=16", "data.resolution=16"]
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
@@ -122,7 +123,7 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
     jobs = (run / "slurm_jobs.log").read_text().splitlines()
     assert [line.split()[-1] for line in jobs if "exit=" in line] == ["exit=75", "exit=0"], jobs
     assert "restart=1" in jobs[2], jobs
-    stopped = int(log.split("[preempt] signal received: saved step ")[1].split(",")[0])
+    stopped = int(re.search(r"\[stop\] received SIGUSR1: saved step (\d+), exiting 75", log).group(1))
     assert 2 <= stopped < steps, f"the run ended before the signal arrived; raise `steps`\n{log[-3000:]}"
     assert f"[resume] from {run / 'checkpoints' / f'step_{stopped:07d}'}" in log
     assert list_tags(run / "checkpoints") == [f"step_{stopped:07d}", f"step_{steps:07d}"]

@@ -20,9 +20,9 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch
 
-from maskdit_ds.data.latent_cache import dist_env, encode_to_cache
+from maskdit_ds import dist
+from maskdit_ds.data.latent_cache import encode_to_cache, rank_and_world
 from maskdit_ds.data.sources import open_source
 from maskdit_ds.data.vae import load_vae
 
@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--shard-size", type=int, default=4096, help="source images per Arrow shard (the resume unit)")
     p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward")
     p.add_argument("--num-workers", type=int, default=8, help="decode/crop worker processes per rank")
-    p.add_argument("--device", default="auto", help="auto = cuda:LOCAL_RANK when CUDA is available, else cpu")
+    p.add_argument("--device", default="auto", help="auto = this rank's GPU (local rank modulo the visible GPUs, "
+                   "so srun --gpus-per-task 1 works), else cpu")
     p.add_argument("--rank", type=int, default=None, help="override RANK / SLURM_PROCID")
     p.add_argument("--world-size", type=int, default=None, help="override WORLD_SIZE / SLURM_NTASKS")
     p.add_argument("--max-shards", type=int, default=None, help="stop after this many shards per rank (fit a time "
@@ -62,10 +63,8 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     datasets.disable_progress_bars()  # one bar (ours) per shard write is enough
-    rank, world, local_rank = dist_env(args.rank, args.world_size)
-    device = args.device
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    rank, world = rank_and_world(args.rank, args.world_size)
+    device = str(dist.device()) if args.device == "auto" else args.device
     if args.vae_dtype == "fp16" and device == "cpu":
         print("[cache] note: fp16 VAE on CPU is slow or unsupported on some CPUs; consider --vae-dtype fp32", file=sys.stderr)
     source = open_source(args.source, args.split, args.image_column, args.label_column)

@@ -16,11 +16,13 @@ if [ -f "$WEIGHTS" ]; then
   mkdir -p runs/refs
   [ -f runs/refs/digits_ref.npz ] || { python tools/digits_reference.py --out runs/refs/digits_real.npz &&
     python tools/eval_fid.py ref --images runs/refs/digits_real.npz --out runs/refs/digits_ref.npz --weights "$WEIGHTS"; }
-  FID=(eval.fid_every=375 eval.fid_samples=500 eval.fid_ref=runs/refs/digits_ref.npz "eval.inception_weights=$WEIGHTS")
+  FID=(eval.fid_every=500 eval.fid_samples=500 eval.fid_ref=runs/refs/digits_ref.npz "eval.inception_weights=$WEIGHTS")
 else
   echo "in-training FID off: no Inception weights at $WEIGHTS (set INCEPTION_WEIGHTS=...; see docs/evaluation.md)"
 fi
-deepspeed --num_gpus "$RANKS" --master_port "$(free_port)" --module maskdit_ds train --config digits \
+# --log_level warning: the launcher's INFO lines (CUDA_VISIBLE_DEVICES=0,1, spawn commands) are GPU-oriented
+# noise on a CPU host, where each "GPU" is one rank; its "Unable to find hostfile" warning only means one machine.
+deepspeed --log_level warning --num_gpus "$RANKS" --master_port "$(free_port)" --module maskdit_ds train --config digits \
   train.micro_batch=$((128 / RANKS)) "${FID[@]}" "$@"
 NAME=$(python -c "import sys; from maskdit_ds.config import load_config; print(load_config('digits', sys.argv[1:]).run_dir)" \
   train.micro_batch=$((128 / RANKS)) "$@")

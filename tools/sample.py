@@ -45,7 +45,9 @@ def parse(argv=None):
     s.add_argument("--s-max", type=float, default=math.inf)
     s.add_argument("--s-noise", type=float, default=1.0)
     r = p.add_argument_group("running")
-    r.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="network autocast dtype")
+    r.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="network autocast dtype: auto = bf16 on GPUs (fp16 before Ampere), fp32 on CPUs; the EDM "
+                        "scalings and the ODE solver stay fp32/float64")
     r.add_argument("--batch-size", type=int, default=64, help="images per network batch per rank")
     r.add_argument("--chunk-size", type=int, default=1000, help="images per resumable chunk")
     r.add_argument("--rounding", choices=["floor", "round"], default="floor",
@@ -74,10 +76,9 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if npz is not None:
         print(f"wrote {npz}")
-    import torch.distributed as tdist
+    from maskdit_ds import dist
 
-    if tdist.is_initialized():
-        tdist.destroy_process_group()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from .. import dist
 from ..checkpoint import atomic_write_text
 from .sources import BadImage
 from .transforms import adm_center_crop
@@ -123,15 +124,13 @@ def finished_shards(out: str) -> set:
     return {int(e.name[6:]) for e in os.scandir(d) if e.name.startswith("shard-") and e.name[6:].isdigit()}
 
 
-def dist_env(rank: int = None, world_size: int = None):
-    """(rank, world_size, local_rank) from arguments, else torchrun/deepspeed env, else SLURM's."""
-    env = os.environ
-    rank = rank if rank is not None else int(env.get("RANK", env.get("SLURM_PROCID", 0)))
-    world_size = world_size if world_size is not None else int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
-    local_rank = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
+def rank_and_world(rank: int = None, world_size: int = None) -> tuple[int, int]:
+    """Explicit arguments, else what dist.py reads from the launcher (torchrun, deepspeed or srun)."""
+    rank = dist.rank() if rank is None else rank
+    world_size = dist.world_size() if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
-    return rank, world_size, local_rank
+    return rank, world_size
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -318,7 +317,7 @@ def encode_to_cache(source, vae, vae_info: dict, out: str, resolution: int, flip
                     wait_timeout: float = None, progress: bool = True) -> dict:
     """Encode this rank's missing shards of `source`; rank 0 then waits for all shards and validates.
     Returns {"status": "complete" | "partial" | "done_by_rank_0", "encoded": images this call, ...}."""
-    rank, world_size, _ = dist_env(rank, world_size)
+    rank, world_size = rank_and_world(rank, world_size)
     plan = make_plan(source, vae_info, resolution, flip, moments_dtype, shard_size)
     prepare_cache(out, plan)
     if os.path.isfile(os.path.join(out, "meta.json")):

@@ -45,8 +45,11 @@ class ResumableLoader:
             raise ValueError(f"each rank gets {self.sampler.per_rank()} examples per epoch, fewer than the "
                              f"micro-batch {batch_size}; use a smaller train.micro_batch or more data")
         self.batch_size = batch_size
+        # persistent workers: no worker start-up at each epoch; the sampler still runs in this process, so
+        # a new epoch (or a resumed position) takes effect when the next iterator is made
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
-                                 num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
+                                 num_workers=num_workers, pin_memory=pin_memory,
+                                 persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None,
                                  # its own generator: each new iterator draws a worker seed, and drawing it
                                  # from the global RNG would shift the training noise after a mid-epoch resume
                                  generator=torch.Generator().manual_seed(seed * 1000 + rank))

@@ -56,7 +56,7 @@ class InceptionExtractor:
     def __call__(self, images) -> Activations:
         """One batch: uint8 (N, H, W, 3) or (N, 3, H, W), numpy or torch -> Activations."""
         x = torch.as_tensor(images).to(self.device, non_blocking=True)
-        with tf32_disabled():
+        with tf32_disabled(), torch.autocast(x.device.type, enabled=False):  # fp32, as ADM's protocol needs
             pool3, spatial, logits = self.net(x)
         return Activations(pool3.float().cpu().numpy(), spatial.float().cpu().numpy(), logits.float().cpu().numpy())
 

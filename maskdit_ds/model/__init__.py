@@ -1,12 +1,20 @@
 """MaskDiT model family: pure torch, no distributed code."""
-from .flops import forward_flops, train_flops
+import torch.nn as nn
+
+from .flops import forward_flops, gemm_shapes, train_flops
+from .layers import DiTBlock
 from .masking import MaskRecord, num_kept, random_mask, record_from_mask
 from .maskdit import MaskDiT
 from .precond import EDMPrecond
 from .registry import MODELS, ModelSize, get_size
-from .uvit import UViT
+from .uvit import UViT, UViTBlock
 
 BACKBONES = {"maskdit": MaskDiT, "uvit": UViT}  # ModelSize.backbone -> network class
+
+
+def trunk_blocks(net: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a denoiser (encoder and decoder, both backbones): the units to compile."""
+    return [m for m in net.modules() if isinstance(m, (DiTBlock, UViTBlock))]
 
 
 def build_denoiser(model_cfg) -> EDMPrecond:
@@ -18,5 +26,5 @@ def build_denoiser(model_cfg) -> EDMPrecond:
     return EDMPrecond(net, sigma_data=model_cfg.sigma_data)
 
 
-__all__ = ["BACKBONES", "MODELS", "ModelSize", "MaskDiT", "UViT", "EDMPrecond", "MaskRecord", "build_denoiser", "get_size",
-           "forward_flops", "train_flops", "num_kept", "random_mask", "record_from_mask"]
+__all__ = ["BACKBONES", "MODELS", "ModelSize", "MaskDiT", "UViT", "EDMPrecond", "MaskRecord", "build_denoiser", "get_size", "trunk_blocks",
+           "forward_flops", "gemm_shapes", "train_flops", "num_kept", "random_mask", "record_from_mask"]

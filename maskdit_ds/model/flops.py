@@ -29,3 +29,15 @@ def forward_flops(size: ModelSize, input_size: int, in_channels: int, mask_ratio
 
 def train_flops(size: ModelSize, input_size: int, in_channels: int, mask_ratio: float = 0.0) -> float:
     return 3.0 * forward_flops(size, input_size, in_channels, mask_ratio)
+
+
+def gemm_shapes(size: ModelSize, input_size: int, micro_batch: int, mask_ratio: float = 0.0,
+                max_rows: int = 2048) -> tuple[tuple[int, int, int], ...]:
+    """(m, k, n) of the largest matrix products of one training forward: the MLP's first layer in the encoder
+    (kept tokens) and in the decoder (all tokens). Rows are capped so that a CPU probe of them stays short."""
+    tokens = (input_size // size.patch_size) ** 2
+    kept = num_kept(tokens, mask_ratio) if mask_ratio > 0 else tokens
+    hidden = int(size.hidden_size * size.mlp_ratio)
+    dec_hidden = int(size.decoder_hidden * size.mlp_ratio)
+    return ((min(micro_batch * kept, max_rows), size.hidden_size, hidden),
+            (min(micro_batch * tokens, max_rows), size.decoder_hidden, dec_hidden))
