@@ -82,3 +82,28 @@ def load_inception(path, expected_sha256: str | None = PT_INCEPTION_SHA256) -> t
                          f"unexpected keys {extra[:5]}{'...' if len(extra) > 5 else ''} ({len(extra)})")
     net.load_state_dict(state, strict=False)  # shapes are still checked
     return net.eval(), digest
+
+
+def random_inception_state(seed: int = 0) -> dict:
+    """A state dict with the pt_inception keys and shapes and seeded random values, scaled so that activations
+    stay O(0.1..1) (He-normal convs, random BN statistics; PyTorch's default init would shrink pool3 to ~1e-8).
+    For checks that exercise the evaluation plumbing without the real file (tests, tools/gpu_check.py): its
+    FIDs mean nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    net = FIDInceptionV3()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=gen)
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+                m.running_mean.normal_(0.0, 0.1, generator=gen)
+                m.bias.normal_(0.0, 0.1, generator=gen)
+    # like pytorch-fid's file: no num_batches_tracked entries
+    return {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+def write_random_weights(path, seed: int = 0) -> str:
+    """Save random_inception_state(seed) to `path`; returns its sha256 (the expected hash to pass with it)."""
+    torch.save(random_inception_state(seed), path)
+    return sha256_file(path)
