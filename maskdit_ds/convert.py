@@ -213,12 +213,12 @@ def convert_zero(tag_dir: Path, out: Path, weights: str = "ema") -> list[Path]:
     weights: ema (tag/ema.safetensors), model (the fp32 master weights consolidated by DeepSpeed's own
     zero_to_fp32 routine), or both (out/ema and out/model).
     """
-    from .engine import consolidated_fp32_state  # imports deepspeed: only when this converter runs
+    from .engine import consolidated_fp32_state, unsafe_file  # imports deepspeed: only when this converter runs
 
     tag_dir = Path(tag_dir)
     if weights not in ("ema", "model", "both"):
         raise ConversionError(f"--weights must be ema, model or both, got {weights!r}")
-    problem = ckpt.check_tag(tag_dir, verify_hashes=True)
+    problem = ckpt.check_tag(tag_dir, verify_hashes=True, verify_loads=unsafe_file)
     if problem:
         raise ConversionError(f"{tag_dir} is not a complete checkpoint: {problem}")
     model_cfg = run_model_config(tag_dir)

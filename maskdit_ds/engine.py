@@ -1,6 +1,7 @@
 """The only module that imports deepspeed: ZeRO-2 engine creation, steps, checkpoint save/load, consolidation."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -150,8 +151,9 @@ class Engine:
         self.ds.save_checkpoint(str(ckpt_dir), tag=tag)
 
     def load(self, ckpt_dir: Path, tag: str) -> None:
-        path, _ = self.ds.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+        with safe_loads():  # DeepSpeed's own files: weights_only, DeepSpeed's types only
+            path, _ = self.ds.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
 
@@ -180,16 +182,91 @@ def compile_blocks(net: torch.nn.Module) -> None:
     dynamo marks the token dimension dynamic instead of recompiling at every ratio."""
     from .model import trunk_blocks
 
+    if next(net.parameters()).device.type == "cpu":
+        avoid_inductor_avx2_vectorization()
     for block in trunk_blocks(net):
         block.compile()
 
 
+def avoid_inductor_avx2_vectorization() -> None:
+    """torch 2.13's inductor AVX2 vector code turns a training forward of our DiTBlock into NaNs (seen with
+    ATEN_CPU_CAPABILITY=avx2 on an EPYC; AVX-512 code and scalar code are exact), so on an AVX2 CPU compile
+    scalar code (simdlen 1). GPUs and AVX-512 CPUs are untouched."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    if str(pick_vec_isa()) == "avx2" and inductor_config.cpp.simdlen is None:
+        inductor_config.cpp.simdlen = 1
+        dist.print0("[engine] torch.compile on an AVX2 CPU: inductor's AVX2 vector code gives NaNs for these "
+                    "blocks in torch 2.13, so the compiled kernels are scalar")
+
+
 def consolidated_fp32_state(tag_dir: Path) -> dict:
-    """fp32 model weights of a ZeRO checkpoint tag, any world size, without an engine (DeepSpeed's own routine)."""
+    """fp32 model weights of a ZeRO checkpoint tag, any world size, without an engine (DeepSpeed's own routine,
+    its loads forced to weights_only)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag_dir = Path(tag_dir)
-    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    with safe_loads():
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+
+
+# ---------------------------------------------------------------- loading DeepSpeed's files without running code
+
+
+def deepspeed_safe_globals() -> list:
+    """The only non-tensor types DeepSpeed 0.19's ZeRO-2 checkpoints hold (fp16/bf16/fp32, found by loading
+    every file of real tags with weights_only=True). Unpickling them builds plain objects; it calls no code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def safe_loads():
+    """Every torch.load inside, DeepSpeed's own included (it passes weights_only=False), runs as weights_only=True
+    with only deepspeed_safe_globals() allowed: a tampered checkpoint fails to load instead of running code.
+    (torch reads TORCH_FORCE_WEIGHTS_ONLY_LOAD at each call.)"""
+    saved = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = saved
+
+
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+def unsafe_file(tag_dir: Path) -> str | None:
+    """Why a tag's pickled files (.pt) would not load under safe_loads(), or None. mmap: only the pickled
+    structure is read and checked, not the tensor bytes, so this is cheap even for XL/2 optimizer states."""
+    tag_dir = Path(tag_dir)
+    for path in sorted(tag_dir.rglob("*.pt")):
+        try:
+            with safe_loads():
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # UnpicklingError, RuntimeError (not a zip file), ...: all mean "do not load"
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return f"{path.relative_to(tag_dir)} is refused by the safe loader ({first[:160]})"
+    return None
+
+
+def universal_conversion_main(argv: list[str]) -> None:
+    """`python -c` entry of reshard.to_universal: DeepSpeed's ds_to_universal with its loads made safe."""
+    import runpy
+    import sys
+
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"  # inherited by any worker process it starts
+    torch.serialization.add_safe_globals(deepspeed_safe_globals())
+    sys.argv = ["ds_to_universal", *argv]
+    runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__")
 
 
 CPU_FP16_OPT_IN = "MASKDIT_ALLOW_CPU_FP16"

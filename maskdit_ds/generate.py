@@ -204,7 +204,7 @@ def chunk_done(out: Path, index: int, expected: int) -> bool:
 def write_chunk(out: Path, index: int, images: np.ndarray, labels: np.ndarray, seeds) -> None:
     path = chunk_path(out, index)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with ckpt.storage_guard(path, "sample chunk", cleanup=tmp), open(tmp, "wb") as f:
         np.savez(f, images=images, labels=labels, seeds=np.asarray(seeds, dtype=np.int64))
     os.replace(tmp, path)
 

@@ -57,14 +57,19 @@ def reshard_rank_states(old: list[dict], world_size: int) -> list[dict]:
 
 
 def to_universal(tag_dir: Path, out: Path, workers: int = 1, timeout: float | None = None) -> None:
-    """DeepSpeed's ds_to_universal (run as a subprocess: only engine.py imports deepspeed), into a temp folder
+    """DeepSpeed's ds_to_universal (run as a subprocess, through engine.py's safe entry), into a temp folder
     renamed into place. --inject_missing_state: our engine does not record universal_checkpoint_info."""
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", str(workers),
-           "--num_merge_workers", str(workers)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    args = ["--input_folder", str(tag_dir), "--output_folder", str(tmp), "--inject_missing_state",
+            "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
+    # DeepSpeed's converter, its torch.loads forced to weights_only (engine.safe_loads): no code from the tag runs
+    cmd = [sys.executable, "-c", "import sys; from maskdit_ds.engine import universal_conversion_main; "
+           "universal_conversion_main(sys.argv[1:])", *args]
+    home = str(Path(__file__).resolve().parent.parent)  # this maskdit_ds, installed or not
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+                          env=env)
     (tmp.parent / "latest_universal").unlink(missing_ok=True)  # written by the tool; we load by explicit tag
     if proc.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -7,20 +7,23 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import random
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from . import checkpoint as ckpt
 from . import dist
-from .config import (Config, grad_accum, resolve_auto, save_config, stage_config, stages_of,
+from .config import (Config, grad_accum, resolve_auto, resume_changes, save_config, stage_config, stages_of,
                      validate)
 from .data import DigitsJudge, ResumableLoader, build_dataset, to_model_input
-from .engine import Engine, build_ds_config, consolidated_fp32_state, init_distributed
+from .engine import Engine, build_ds_config, consolidated_fp32_state, init_distributed, unsafe_file
 from .errors import EXIT_PREEMPTED, ConfigError, RunDirBusy, TrainingError
 from .generate import autocast, decode, load_decoder, run_generate_config, sample_images
 from .hardware import device_peak_tflops, half_precision_warning
@@ -71,26 +74,28 @@ def seed_everything(seed: int) -> None:
 
 
 def save_checkpoint(engine, ema, state, loader, cfg: Config, logger) -> None:
-    """Collective. DeepSpeed partitions + per-rank state on every rank; EMA, export and manifest on rank 0."""
+    """Collective. DeepSpeed partitions + per-rank state on every rank; EMA, config, export and manifest on rank 0.
+    A failed write (disk full, quota) removes the partial tag on the rank that saw it and raises StorageError;
+    earlier tags are untouched, and pruning only runs after a complete save."""
     ckpt_dir, tag = cfg.run_dir / "checkpoints", ckpt.tag_for(state.step)
-    engine.save(ckpt_dir, tag)
     tag_dir = ckpt_dir / tag
-    ckpt.save_rank_state(tag_dir, dist.rank(), {"train": dataclasses.asdict(state), "data": loader.state_dict(),
-                                                "rng": rng_state()})
+    with ckpt.storage_guard(tag_dir, "checkpoint", cleanup=tag_dir if dist.is_main() else None):
+        engine.save(ckpt_dir, tag)
+        ckpt.save_rank_state(tag_dir, dist.rank(), {"train": dataclasses.asdict(state),
+                                                    "data": loader.state_dict(), "rng": rng_state()})
+        if dist.is_main():
+            ckpt.atomic_save_safetensors(ema.state_dict(), tag_dir / "ema.safetensors")
+            save_config(cfg, tag_dir / "config.yaml")  # what this tag was trained with: resume compares to it
+            meta = {"step": state.step, "images_seen": state.images_seen, "run": cfg.run.name,
+                    "lineage": lineage(cfg)}
+            ckpt.export(cfg.run_dir / "export" / tag, ema, cfg.model, meta)
+        dist.barrier()
+        if dist.is_main():
+            ckpt.write_manifest(tag_dir, {"step": state.step, "world_size": dist.world_size()})
     if dist.is_main():
-        ckpt.atomic_save_safetensors(ema.state_dict(), tag_dir / "ema.safetensors")
-        meta = {"step": state.step, "images_seen": state.images_seen, "run": cfg.run.name,
-                "lineage": lineage(cfg)}
-        ckpt.export(cfg.run_dir / "export" / tag, ema, cfg.model, meta)
-    dist.barrier()
-    if dist.is_main():
-        ckpt.write_manifest(tag_dir, {"step": state.step, "world_size": dist.world_size()})
         ckpt.prune(ckpt_dir, cfg.train.keep_last)
-        exports = sorted((cfg.run_dir / "export").glob(f"{ckpt.TAG_PREFIX}*"))
-        for old in exports[: -cfg.train.keep_last]:
-            import shutil
-
-            shutil.rmtree(old, ignore_errors=True)
+        for old in ckpt.list_exports(cfg.run_dir)[: -cfg.train.keep_last]:
+            ckpt.remove(old)
         logger.message(f"[checkpoint] saved {tag_dir}")
     dist.barrier()
 
@@ -109,12 +114,12 @@ def init_from(path: Path, net, ema, state: TrainState, reset_ema: bool) -> dict:
     """Start from another run: weights, EMA and step count; the optimizer starts fresh (SPEC section 4)."""
     path = Path(path)
     if (path / "checkpoints").is_dir():
-        tag = ckpt.latest_good_tag(path / "checkpoints", warn=dist.print0)
+        tag = ckpt.latest_good_tag(path / "checkpoints", warn=dist.print0, verify_loads=unsafe_file)
         if tag is None:
-            raise ConfigError(f"train.init_from: {path}/checkpoints has no complete checkpoint")
+            raise ConfigError(f"train.init_from: {path}/checkpoints has no usable checkpoint")
         path = path / "checkpoints" / tag
     if (path / ckpt.MANIFEST).is_file():
-        problem = ckpt.check_tag(path)
+        problem = ckpt.check_tag(path, verify_hashes=True, verify_loads=unsafe_file)
         if problem:
             raise ConfigError(f"train.init_from: {path} is not a usable checkpoint: {problem}")
         weights = consolidated_fp32_state(path)
@@ -343,8 +348,6 @@ def describe(cfg: Config, world: int) -> str:
 
 
 def yaml_dump(values: dict) -> str:
-    import yaml
-
     return yaml.safe_dump(values, sort_keys=False).rstrip()
 
 
@@ -400,15 +403,99 @@ def train(cfg: Config) -> int:
         lock.release()
 
 
+# ---------------------------------------------------------------- where a run starts
+
+
+def choose_start(cfg: Config) -> str | None:
+    """Rank 0, before anything in the run directory is written: the tag to resume from (None: a fresh start).
+    Never starts over silently: checkpoints that exist but are all unusable stop the run with the list;
+    train.resume=never moves them (and the old exports and logs) to archive/<time>/ first. The resumed tag's
+    config must agree with this one on the keys that a resume must not change (config.FROZEN_ON_RESUME)."""
+    ckpt_dir = cfg.run_dir / "checkpoints"
+    for path in ckpt.clean_stale_temporaries(cfg.run_dir):
+        print(f"[checkpoint] removed {path}, left by a killed write", flush=True)
+    if cfg.train.resume == "never":
+        archived = archive_previous(cfg.run_dir)
+        if archived:
+            print(f"[resume] train.resume=never: the previous attempt moved to {archived}", flush=True)
+        return None
+    scanned = ckpt.scan_tags(ckpt_dir, verify_loads=unsafe_file, stop_at_good=True)
+    for tag, problem in scanned:
+        if problem:
+            print(f"[checkpoint] skipping {ckpt_dir / tag}: {problem}", flush=True)
+    good = next((tag for tag, problem in scanned if problem is None), None)
+    if scanned and good is None:
+        listing = "; ".join(f"{tag}: {problem}" for tag, problem in scanned)
+        raise ConfigError(f"{ckpt_dir} holds checkpoints but none is usable ({listing}). Nothing was changed. "
+                          f"To start over anyway, pass train.resume=never (they are kept in archive/)")
+    if good:
+        check_resume_config(cfg, ckpt_dir / good)
+    return good
+
+
+def check_resume_config(cfg: Config, tag_dir: Path) -> None:
+    """Refuse, with a diff, a resume that changes what the checkpoint learned (model, data, seed, loss, batch);
+    log what else changed. Tags saved before configs were stored in them are compared with config.yaml."""
+    saved_file = next((f for f in (tag_dir / "config.yaml", cfg.run_dir / "config.yaml") if f.is_file()), None)
+    if saved_file is None:
+        return
+    refused, allowed = resume_changes(yaml.safe_load(saved_file.read_text()) or {}, cfg)
+    if refused:
+        raise ConfigError(f"resuming {tag_dir} with a config that changes what it was trained on: "
+                          f"{'; '.join(refused)}. Use another run.name for a new run, or list the keys in "
+                          f"train.allow_config_change=[...] if you mean it")
+    for line in allowed:
+        overridden = any(line.startswith(k) for k in cfg.train.allow_config_change)
+        print(f"[resume] {'warning: train.allow_config_change lets ' if overridden else 'config changed: '}{line}",
+              flush=True)
+
+
+def archive_previous(run_dir: Path) -> Path | None:
+    """Move an earlier attempt's checkpoints, exports, logs and samples to archive/<UTC time>/ (nothing deleted)."""
+    names = ["checkpoints", "export", "stats.jsonl", "tb", "lineage.json", "samples.npz", "samples.png",
+             "samples.json"]
+    present = [run_dir / n for n in names if (run_dir / n).exists()]
+    if not present:
+        return None
+    dest = run_dir / "archive" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dest.mkdir(parents=True, exist_ok=False)
+    for path in present:
+        os.replace(path, dest / path.name)
+    return dest
+
+
+def write_run_config(cfg: Config, stage_cfgs: list, world: int) -> None:
+    """Rank 0, after the resume check: config.yaml (the previous one kept as config.prev.yaml when it differs)
+    and the final DeepSpeed configs."""
+    path = cfg.run_dir / "config.yaml"
+    if path.is_file() and (yaml.safe_load(path.read_text()) or {}) != cfg.to_dict():
+        os.replace(path, cfg.run_dir / "config.prev.yaml")
+    save_config(cfg, path)
+    ds_configs = [build_ds_config(c, world) for c in stage_cfgs]
+    ckpt.atomic_write_text(cfg.run_dir / "ds_config.json", json.dumps(ds_configs[0] if len(ds_configs) == 1
+                                                                      else ds_configs, indent=2))
+
+
+def decide_start(cfg: Config, stage_cfgs: list, world: int) -> str | None:
+    """Collective: rank 0 chooses (and writes the run config); every rank gets the tag, or the same error."""
+    tag, error = None, None
+    if dist.is_main():
+        try:
+            tag = choose_start(cfg)
+            write_run_config(cfg, stage_cfgs, world)
+        except ConfigError as err:
+            error = str(err)
+    tag, error = dist.broadcast_from_main((tag, error))
+    if error:
+        raise ConfigError(error)
+    return tag
+
+
 def train_locked(cfg: Config, stage_cfgs: list) -> int:
-    # 1. World and config (validated by prepare), saved before anything is trained.
+    # 1. World, config (validated by prepare) and the starting point, checked before anything is written.
     rank, world, device = dist.rank(), dist.world_size(), dist.device()
     stages = stages_of(cfg)
-    if dist.is_main():
-        save_config(cfg, cfg.run_dir / "config.yaml")
-        ds_configs = [build_ds_config(c, world) for c in stage_cfgs]
-        ckpt.atomic_write_text(cfg.run_dir / "ds_config.json", json.dumps(ds_configs[0] if len(ds_configs) == 1
-                                                                          else ds_configs, indent=2))
+    resume = decide_start(cfg, stage_cfgs, world)
     seed_everything(cfg.run.seed + rank)  # different masks, noise and label dropout per rank
 
     # 2. Data.
@@ -417,8 +504,7 @@ def train_locked(cfg: Config, stage_cfgs: list) -> int:
     # 3. Model, EMA (fp32), and where we start from.
     net = build_denoiser(cfg.model)
     ema = copy.deepcopy(net).to(device).eval().requires_grad_(False)
-    state, resume = TrainState(), dist.all_gather_objects(
-        ckpt.latest_good_tag(cfg.run_dir / "checkpoints", warn=dist.print0) if dist.is_main() else None)[0]
+    state = TrainState()
     resumed, ds_tag, universal, data_state = None, resume, False, None
     if resume:
         tag_dir = cfg.run_dir / "checkpoints" / resume

@@ -4,7 +4,7 @@
 # into the job, and again into a requeued job) to change it. Resources belong in #SBATCH lines or on the sbatch
 # command line; hyperparameters belong in the preset or in the dotted overrides after the script name.
 
-EXIT_PREEMPTED=75  # the trainer's exit code after it saved on SIGUSR1/SIGTERM (maskdit_ds/train.py)
+EXIT_PREEMPTED=75  # the trainer's exit code after it saved on SIGUSR1/SIGTERM (maskdit_ds/errors.py)
 
 maskdit_log() { echo "[slurm $(date '+%F %T') job ${SLURM_JOB_ID:-?}] $*"; }
 

@@ -83,6 +83,7 @@ def test_kill_and_resume_gives_identical_losses(uninterrupted, tmp_path):
     assert again.returncode == 0, again.stdout[-4000:]
     assert "[resume] from" in again.stdout
     assert losses_by_step(tmp_path / "killed") == uninterrupted
+    assert [s["step"] for s in stats(tmp_path / "killed")] == list(range(1, 9))  # no step logged twice
 
 
 def test_preemption_signal_saves_and_resumes_identically(uninterrupted, tmp_path):

@@ -23,6 +23,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from maskdit_ds import dist
 from maskdit_ds.data.latent_cache import encode_to_cache, rank_and_world
+from maskdit_ds.errors import StorageError
 from maskdit_ds.data.sources import open_source
 from maskdit_ds.data.vae import load_vae
 
@@ -72,9 +73,13 @@ def main(argv=None) -> int:
     if rank == 0:
         print(f"[cache] {len(source)} images, {len(source.label_names)} classes from {args.source}; "
               f"world size {world}; VAE {vae_info['id']} ({args.vae_dtype}) on {device}", flush=True)
-    result = encode_to_cache(source, vae, vae_info, args.out, args.resolution, args.flip, args.moments_dtype,
-                             args.shard_size, args.batch_size, args.num_workers, rank, world, args.max_shards,
-                             args.wait_timeout, progress=not args.no_progress)
+    try:
+        result = encode_to_cache(source, vae, vae_info, args.out, args.resolution, args.flip, args.moments_dtype,
+                                 args.shard_size, args.batch_size, args.num_workers, rank, world, args.max_shards,
+                                 args.wait_timeout, progress=not args.no_progress)
+    except StorageError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 4
     meta = result.pop("meta", None)
     if meta is not None:
         result.update(count=meta["count"], num_skipped=meta["num_skipped"])

@@ -16,7 +16,8 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from maskdit_ds.data.reference_import import import_reference, open_reference
+from maskdit_ds.data.reference_import import RefusedPickle, import_reference, open_reference
+from maskdit_ds.errors import StorageError
 
 
 def main(argv=None) -> int:
@@ -34,9 +35,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     datasets.disable_progress_bars()
     ref = args.reference[0] if len(args.reference) == 1 else args.reference
-    reader = open_reference(ref)
-    result = import_reference(reader, args.out, args.resolution, args.num_classes, args.moments_dtype,
-                              args.shard_size, args.vae_id, progress=not args.no_progress)
+    try:
+        reader = open_reference(ref)
+        result = import_reference(reader, args.out, args.resolution, args.num_classes, args.moments_dtype,
+                                  args.shard_size, args.vae_id, progress=not args.no_progress)
+    except (RefusedPickle, ValueError, FileNotFoundError, ImportError, StorageError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)  # one line: a refusal is not a crash
+        return 2
     meta = result.pop("meta")
     print(json.dumps(dict(result, count=meta["count"], resolution=meta["resolution"])), flush=True)
     return 0

@@ -18,6 +18,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from maskdit_ds.errors import StorageError
 from maskdit_ds.generate import CLASS_MODES, PRECISIONS, GenerateConfig, run_generation
 from maskdit_ds.sample import SamplerConfig
 
@@ -72,7 +73,7 @@ def main(argv=None):
                           grid=a.grid, keep_chunks=a.keep_chunks, sampler=sampler)
     try:
         npz = run_generation(a.model, a.out, gcfg, progress=not a.no_progress)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, StorageError) as e:
         sys.exit(f"error: {e}")
     if npz is not None:
         print(f"wrote {npz}")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .. import dist
-from ..checkpoint import atomic_write_text
+from ..checkpoint import atomic_write_text, storage_guard
 from .sources import BadImage
 from .transforms import adm_center_crop
 from .vae import encode_moments
@@ -175,11 +175,12 @@ def write_shard(out: str, k: int, plan: dict, moments: np.ndarray, labels, indic
     quiet = datasets.utils.are_progress_bars_disabled()
     datasets.disable_progress_bars()  # its per-shard "Saving the dataset" bar would break the encode bar
     try:
-        ds.save_to_disk(tmp)
+        with storage_guard(final, "latent cache shard", cleanup=tmp):
+            ds.save_to_disk(tmp)
+            write_json_atomic(os.path.join(tmp, "shard.json"), {"rows": len(ds), "skipped": skipped})
     finally:
         if not quiet:
             datasets.enable_progress_bars()
-    write_json_atomic(os.path.join(tmp, "shard.json"), {"rows": len(ds), "skipped": skipped})
     try:
         os.rename(tmp, final)
     except OSError:  # another process finished the same shard first; its copy is as good as ours
