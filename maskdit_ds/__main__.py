@@ -67,6 +67,17 @@ def main(argv=None) -> int:
     except StorageError as err:
         print(f"storage error: {err}", file=sys.stderr, flush=True)
         return EXIT_STORAGE
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Leave the process group before the interpreter exits: a gloo group torn down by interpreter shutdown can
+    abort the process ('terminate called without an active exception', exit -6) and hide the exit code."""
+    if "torch" in sys.modules:
+        from . import dist
+
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -532,42 +532,43 @@ def train_locked(cfg: Config, stage_cfgs: list) -> int:
 
     total = state.step - state.stage_step + sum(s.steps for s in stages[state.stage:])
     logger = RunLogger(cfg.run_dir, dist.is_main(), total_steps=total, start_step=state.step)
-    stop = StopRequest(say=dist.print0)
-    fid_monitor = None
-    if cfg.eval.fid_every:  # fails on every rank, before training, if weights or reference are wrong
-        from .fid_monitor import FIDMonitor
+    try:  # the progress bar closes (ends its line) however the run ends
+        stop = StopRequest(say=dist.print0)
+        fid_monitor = None
+        if cfg.eval.fid_every:  # fails on every rank, before training, if weights or reference are wrong
+            from .fid_monitor import FIDMonitor
 
-        fid_monitor = FIDMonitor(cfg)
-    # 4. Stages: a new engine at each boundary (precision, optimizer and lr may change; the EMA continues).
-    for index in range(state.stage, len(stages)):
-        scfg = stage_cfgs[index]
-        loader = ResumableLoader(dataset, scfg.train.micro_batch, rank, world, cfg.run.seed,
-                                 num_workers=scfg.data.num_workers, pin_memory=torch.cuda.is_available())
-        if data_state:
-            loader.load_state_dict(data_state)
-        engine = Engine(net.to(device), scfg, world, load_universal=universal and resumed is not None)
-        if resumed is not None:  # only the stage we resumed in loads DeepSpeed state
-            engine.load(cfg.run_dir / "checkpoints", ds_tag)
-            set_rng_state(resumed["rng"])
-            resumed = None
-        logger.message(f"[stage {index}] {stages[index].name}: {stages[index].steps} steps, "
-                       f"{scfg.engine.precision}, mask ratio {scfg.mask.ratio}, lr {scfg.optim.lr}")
-        code = run_stage(scfg, stages[index].steps, engine, ema, loader, state, logger, stop, total,
-                         fid_monitor)
-        if code is not None:
-            logger.close()
-            return code
-        data_state = loader.state_dict()
-        weights = engine.full_fp32_state()  # hand the fp32 masters to the next stage
-        engine.release()
-        with torch.random.fork_rng(devices=[]):  # its random init is overwritten; a resume at this boundary
-            net = build_denoiser(cfg.model)  # skips it, so it must not move the RNG
-        net.load_state_dict(weights)
-        if index + 1 < len(stages):
-            state.stage, state.stage_step = index + 1, 0
+            fid_monitor = FIDMonitor(cfg)
+        # 4. Stages: a new engine at each boundary (precision, optimizer and lr may change; the EMA continues).
+        for index in range(state.stage, len(stages)):
+            scfg = stage_cfgs[index]
+            loader = ResumableLoader(dataset, scfg.train.micro_batch, rank, world, cfg.run.seed,
+                                     num_workers=scfg.data.num_workers, pin_memory=torch.cuda.is_available())
+            if data_state:
+                loader.load_state_dict(data_state)
+            engine = Engine(net.to(device), scfg, world, load_universal=universal and resumed is not None)
+            if resumed is not None:  # only the stage we resumed in loads DeepSpeed state
+                engine.load(cfg.run_dir / "checkpoints", ds_tag)
+                set_rng_state(resumed["rng"])
+                resumed = None
+            logger.message(f"[stage {index}] {stages[index].name}: {stages[index].steps} steps, "
+                           f"{scfg.engine.precision}, mask ratio {scfg.mask.ratio}, lr {scfg.optim.lr}")
+            code = run_stage(scfg, stages[index].steps, engine, ema, loader, state, logger, stop, total,
+                             fid_monitor)
+            if code is not None:
+                return code
+            data_state = loader.state_dict()
+            weights = engine.full_fp32_state()  # hand the fp32 masters to the next stage
+            engine.release()
+            with torch.random.fork_rng(devices=[]):  # its random init is overwritten; a resume at this boundary
+                net = build_denoiser(cfg.model)  # skips it, so it must not move the RNG
+            net.load_state_dict(weights)
+            if index + 1 < len(stages):
+                state.stage, state.stage_step = index + 1, 0
 
-    # 5. Samples from the EMA.
-    final_samples(cfg, ema, logger)
-    stop.exiting()  # the run is complete: a late SLURM signal must not turn exit 0 into 143
-    logger.close()
-    return 0
+        # 5. Samples from the EMA.
+        final_samples(cfg, ema, logger)
+        stop.exiting()  # the run is complete: a late SLURM signal must not turn exit 0 into 143
+        return 0
+    finally:
+        logger.close()

@@ -121,8 +121,8 @@ def test_divergence_between_log_steps_is_never_checkpointed(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("optim.lr=.inf", "optim.lr: inf is not a finite number"), ("optim.lr=0", "optim.lr: 0.0 must be positive"),
-    ("optim.lr=.nan", "optim.lr: nan is not a finite number"),
+    ("optim.lr=inf", "optim.lr: inf is not a finite number"), ("optim.lr=0", "optim.lr: 0.0 must be positive"),
+    ("optim.lr=nan", "optim.lr: nan is not a finite number"),
     ("train.ema_decay=1.0", "train.ema_decay: 1.0 must be in [0, 1)")])
 def test_absurd_values_are_config_errors(override, message):
     from maskdit_ds.config import ConfigError, load_config, validate
