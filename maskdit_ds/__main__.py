@@ -1,83 +1,32 @@
-"""Command line: `python -m maskdit_ds train --config <preset|yaml> [section.key=value ...] [--dry-run]`."""
+"""python -m maskdit_ds <command> [...]: one command line for the whole framework.
+
+  train           train or resume a run (--config PRESET|YAML, dotted overrides, --dry-run)
+  sample          many-rank sampling of an export or run directory into an ADM .npz
+  eval            ADM-protocol FID / sFID / IS / precision / recall of a samples .npz (`eval ref` builds a reference)
+  cache           encode images with a VAE into a latent cache (resumable, one share per rank)
+  import-latents  import the paper's released latents into a latent cache
+  convert         checkpoints to and from export folders (ZeRO tags, the paper's, DiT's, Hub folders), resharding
+  bench           time training steps: mask ratios, eager/compiled, DeepSpeed vs plain PyTorch
+
+`python -m maskdit_ds <command> --help` gives each command's options.
+"""
 from __future__ import annotations
 
-import argparse
-import os
+import importlib
 import sys
 
-from .errors import (EXIT_CONFIG, EXIT_DIVERGED, EXIT_STORAGE, ConfigError, RunDirBusy, StorageError,
-                     TrainingError)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m maskdit_ds", description=__doc__)
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train (or resume) a run")
-    train.add_argument("--config", required=True, help="preset name (see maskdit_ds/configs) or a YAML file")
-    train.add_argument("--dry-run", action="store_true", help="validate, print config, ds_config, params, FLOPs")
-    train.add_argument("--world-size", type=int, default=None, help="with --dry-run: the world size to check")
-    train.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch=32")
-    return parser
-
-
-def parse(argv=None) -> argparse.Namespace:
-    """Options may stand anywhere among the overrides (`train x=1 --dry-run y=2`): argparse hands the overrides
-    after an option back as unknown arguments, which we append in their order."""
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides look like section.key=value)")
-    args.overrides = [*args.overrides, *extra]
-    return args
-
-
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skip DeepSpeed's accelerator probing and its warning
-    from .config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    if args.dry_run:
-        from .train import dry_run
-
-        return dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", 1)))
-    from .train import train
-
-    return train(cfg)
+COMMANDS = {"train": "train", "sample": "sample", "eval": "evaluate", "cache": "cache",
+            "import-latents": "import_latents", "convert": "convert", "bench": "bench"}  # command -> cli module
 
 
 def main(argv=None) -> int:
-    args = parse(argv)
-    try:
-        return run(args)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
-    except RunDirBusy as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
-    except TrainingError as err:
-        print(f"training stopped: {err}", file=sys.stderr, flush=True)
-        return EXIT_DIVERGED
-    except StorageError as err:
-        print(f"storage error: {err}", file=sys.stderr, flush=True)
-        return EXIT_STORAGE
-    finally:
-        close_process_group()
-
-
-def close_process_group() -> None:
-    """Leave the process group before the interpreter exits: a gloo group torn down by interpreter shutdown can
-    abort the process ('terminate called without an active exception', exit -6) and hide the exit code."""
-    if "torch" in sys.modules:
-        from . import dist
-
-        dist.destroy_process_group()
+    # the deepspeed launcher adds --local_rank=N before the command; ranks read LOCAL_RANK instead
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    module = importlib.import_module(f".cli.{COMMANDS[argv[0]]}", __package__)
+    return module.main(argv[1:]) or 0
 
 
 if __name__ == "__main__":

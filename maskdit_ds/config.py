@@ -5,7 +5,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +12,13 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError
+from .io import atomic_write_text
 
 PRESET_DIR = Path(__file__).parent / "configs"
 DS_CONFIG_DIR = Path(__file__).parent / "ds_configs"  # engine mechanics per precision, shipped with the package
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")  # = hardware.PRECISIONS (kept here so that parsing needs no torch)
 OPTIMIZER_CHOICES = ("auto", "torch_fused", "torch", "deepspeed_fused")  # engine.OPTIMIZERS plus auto
+MAY_BE_INFINITE = ("sample.S_max",)  # "no upper bound"
 
 
 @dataclass
@@ -36,9 +37,25 @@ class ModelConfig:
     sigma_data: float = 0.5  # EDM preconditioning constant
 
 
+class SourceKind:
+    """What a data.source is: whether its items are VAE posterior moments (2C channels, decoded through data.vae
+    for pictures), whether it needs data.path, and whether that path must exist here (hf also takes hub names)."""
+
+    def __init__(self, latent: bool, needs_path: bool, local_path: bool):
+        self.latent, self.needs_path, self.local_path = latent, needs_path, local_path
+
+
+DATA_SOURCES = {
+    "latents": SourceKind(latent=True, needs_path=True, local_path=True),  # a cache made by `maskdit_ds cache`
+    "digits": SourceKind(latent=False, needs_path=False, local_path=False),  # the built-in example
+    "images": SourceKind(latent=False, needs_path=True, local_path=True),  # an image folder root/<class>/<image>
+    "hf": SourceKind(latent=False, needs_path=True, local_path=False),  # a saved or hub Hugging Face dataset
+}
+
+
 @dataclass
 class DataConfig:
-    source: str = "latents"  # latents (a cache from tools/cache_latents.py) | digits (built-in example) | images | hf
+    source: str = "latents"  # latents (a cache from `python -m maskdit_ds cache`) | digits (built-in example) | images | hf
     path: str = ""  # cache directory, image folder or saved Hugging Face dataset (unused for digits)
     resolution: int = 256  # image resolution in pixels; a latent cache must match it
     classes: list = field(default_factory=list)  # keep only these labels (empty: all)
@@ -46,6 +63,10 @@ class DataConfig:
     num_workers: int = 2  # DataLoader workers per rank
     latent_scale: float = 0.18215  # SD VAE scaling applied to each fresh posterior sample
     vae: str = ""  # VAE folder or hub id, only for decoding sample grids of latent models
+
+    @property
+    def kind(self) -> SourceKind:
+        return DATA_SOURCES[self.source]
 
 
 @dataclass
@@ -67,7 +88,7 @@ class MaskConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4  # constant, no warm-up (SPEC section 4)
+    lr: float = 1e-4  # constant, no warm-up (docs/method.md §4)
     betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     eps: float = 1e-8  # AdamW epsilon
     weight_decay: float = 0.0  # none in the paper
@@ -108,15 +129,32 @@ class TrainConfig:
 
 
 @dataclass
-class SampleConfig:
+class SamplerConfig:
+    """The EDM sampler (docs/method.md §6), the one set of sampling settings: the run config's `sample` section
+    (grids, in-training FID, final samples) and `python -m maskdit_ds sample` both fill it."""
+
     steps: int = 40  # EDM Heun steps (2 * steps - 1 network calls)
     guidance: float = 1.5  # classifier-free guidance scale (1: none)
     sigma_min: float = 0.002  # EDM noise range and time-step spacing
     sigma_max: float = 80.0  # see sigma_min
     rho: float = 7.0  # see sigma_min
-    precision: str = "auto"  # network autocast for grids, in-training FID and final samples: auto (bf16/fp16 on GPUs, fp32 on CPUs) / fp32 / bf16 / fp16
+    precision: str = "auto"  # network autocast: auto (bf16/fp16 on GPUs, fp32 on CPUs) / fp32 / bf16 / fp16; EDM scalings fp32, solver float64
+    guidance_interval: list = field(default_factory=lambda: [0.0, math.inf])  # apply guidance only for sigma in [lo, hi] (Kynkaanniemi et al. 2024)
+    heun: bool = True  # second-order steps; false: Euler (steps network calls)
+    S_churn: float = 0.0  # EDM stochasticity (0: the deterministic ODE sampler)
+    S_min: float = 0.0  # churn only for sigma in [S_min, S_max]
+    S_max: float = math.inf  # see S_min
+    S_noise: float = 1.0  # scale of the churn noise
+
+
+@dataclass
+class SampleConfig(SamplerConfig):
     final_samples: int = 0  # after training, sample this many images with the EMA into samples.npz (0: off)
     grid_size: int = 16  # images in the TensorBoard sample grid
+
+    def sampler(self) -> SamplerConfig:
+        """The sampler settings alone."""
+        return SamplerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SamplerConfig)})
 
 
 @dataclass
@@ -371,13 +409,12 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, _stage:
     _check(m.input_size > 0 and m.input_size % patch == 0,
            f"model.input_size: {m.input_size} must be a positive multiple of the patch size {patch}")
     _check(m.in_channels > 0 and m.num_classes > 0, "model.in_channels and model.num_classes must be positive")
-    _check(d.source in ("latents", "digits", "images", "hf"),
-           f"data.source: {d.source!r} is not one of latents, digits, images, hf")
-    if d.source != "digits":
+    _check(d.source in DATA_SOURCES, f"data.source: {d.source!r} is not one of {', '.join(DATA_SOURCES)}")
+    if d.kind.needs_path:
         _check(bool(d.path), f"data.path: required for data.source={d.source}")
-        if d.source != "hf":  # hf also takes a hub dataset name
+        if d.kind.local_path:
             check_path("data.path", d.path)
-    if d.source == "latents":
+    if d.kind.latent:
         _check(d.resolution == m.input_size * 8,
                f"data.resolution: {d.resolution} px latents are {d.resolution // 8}x{d.resolution // 8}, "
                f"but model.input_size is {m.input_size}")
@@ -389,7 +426,8 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, _stage:
     _check(cfg.mask.block_size > 0, f"mask.block_size: {cfg.mask.block_size} must be positive")
     _check(0 <= cfg.loss.label_dropout < 1, f"loss.label_dropout: {cfg.loss.label_dropout} must be in [0, 1)")
     for key, value in flatten(cfg.to_dict()).items():
-        _check(not isinstance(value, float) or math.isfinite(value), f"{key}: {value} is not a finite number")
+        _check(not isinstance(value, float) or math.isfinite(value) or key in MAY_BE_INFINITE,
+               f"{key}: {value} is not a finite number")
     _check(cfg.optim.lr > 0, f"optim.lr: {cfg.optim.lr} must be positive")
     _check(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
            f"optim.betas: {cfg.optim.betas} must be two numbers in [0, 1)")
@@ -493,9 +531,7 @@ def ds_config_path(cfg: Config) -> Path:
 
 def save_config(cfg: Config, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def dumps(cfg: Config) -> str:
@@ -511,10 +547,11 @@ def key_reference() -> str:
     for section in dataclasses.fields(Config):
         cls = type(getattr(Config(), section.name))
         comments = {}
-        for line in inspect.getsource(cls).splitlines():
-            match = re.match(r"\s+(\w+): [^=]+=.*?(?:#\s*(.*))?$", line)
-            if match:
-                comments[match.group(1)] = match.group(2) or ""
+        for klass in reversed(cls.__mro__[:-1]):  # inherited fields (SampleConfig < SamplerConfig) too
+            for line in inspect.getsource(klass).splitlines():
+                match = re.match(r"\s+(\w+): [^=]+=.*?(?:#\s*(.*))?$", line)
+                if match:
+                    comments[match.group(1)] = match.group(2) or ""
         for f in dataclasses.fields(cls):
             default = getattr(cls(), f.name)
             meaning = comments.get(f.name, "").replace("|", "/")

@@ -1,13 +1,14 @@
 """What the machine can do: the one precision -> dtype table, `auto` precision by hardware, and dense peaks for MFU.
 
-Imports only torch, so config validation, the engine, sampling and metrics can all share it.
+Imports only torch (and the timing loop), so config validation, the engine, sampling and metrics can all share it.
 """
 from __future__ import annotations
 
 import functools
-import time
 
 import torch
+
+from .timing import time_calls
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = ("auto", *DTYPES)
@@ -85,12 +86,7 @@ def gemm_gflops(dtype: torch.dtype, m: int = 256, k: int = 512, n: int = 512, re
     process's threads. Its own generator: the global RNG must not move (resume replays it)."""
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(m, k, generator=gen).to(dtype), torch.randn(k, n, generator=gen).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
+    best = min(time_calls(lambda: a @ b, repeats + 1)[1:])  # the first call warms up
     return 2 * m * k * n / best / 1e9
 
 

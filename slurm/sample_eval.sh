@@ -1,7 +1,7 @@
 #!/bin/bash
-# Sample from a trained model on every GPU (tools/sample.py), then score the samples (tools/eval_fid.py, one task).
-#   sbatch slurm/sample_eval.sh <tools/sample.py arguments> -- <tools/eval_fid.py arguments>     (from the repository root)
-# The arguments before the first `--` go to tools/sample.py, the rest to tools/eval_fid.py, unchanged, e.g.
+# Sample from a trained model on every GPU (python -m maskdit_ds sample), then score the samples (python -m maskdit_ds eval, one task).
+#   sbatch slurm/sample_eval.sh <sample arguments> -- <eval arguments>     (from the repository root)
+# The arguments before the first `--` go to `python -m maskdit_ds sample`, the rest to `python -m maskdit_ds eval`, unchanged, e.g.
 #   sbatch slurm/sample_eval.sh runs/imagenet256_tune --out runs/imagenet256_tune/samples --num-images 50000 \
 #          -- runs/imagenet256_tune/samples/samples.npz VIRTUAL_imagenet256_labeled.npz \
 #             --weights pt_inception-2015-12-05-6726825d.pth --out runs/imagenet256_tune/samples/fid.json
@@ -27,10 +27,10 @@ for arg in "$@"; do
   if [[ $seen_split == 0 ]]; then sample_args+=("$arg"); else eval_args+=("$arg"); fi
 done
 
-maskdit_srun "$PYTHON" "$MASKDIT_ROOT/tools/sample.py" "${sample_args[@]}"
-maskdit_log "sample.py exited $STEP_CODE"
+maskdit_srun "$PYTHON" -m maskdit_ds sample "${sample_args[@]}"
+maskdit_log "sample exited $STEP_CODE"
 [[ $STEP_CODE == 0 && $seen_split == 1 ]] || exit "$STEP_CODE"
 # FID/IS/precision/recall over the whole .npz is one process: one task, one GPU of this allocation.
-maskdit_srun --ntasks=1 --nodes=1 "$PYTHON" "$MASKDIT_ROOT/tools/eval_fid.py" "${eval_args[@]}"
-maskdit_log "eval_fid.py exited $STEP_CODE"
+maskdit_srun --ntasks=1 --nodes=1 "$PYTHON" -m maskdit_ds eval "${eval_args[@]}"
+maskdit_log "eval exited $STEP_CODE"
 exit "$STEP_CODE"

@@ -10,7 +10,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 try:
     import maskdit_ds  # noqa: F401
@@ -24,6 +23,7 @@ from PIL import Image
 from maskdit_ds.data.latent_cache import LatentCache, encode_to_cache, sample_latent
 from maskdit_ds.data.sources import ImageFolderSource
 from maskdit_ds.data.vae import encode_moments, load_vae
+from maskdit_ds.timing import interleave, time_calls
 
 
 def make_images(root: str, n: int, resolution: int, classes: int = 10) -> None:
@@ -48,33 +48,28 @@ def tiny_vae_folder(path: str) -> str:
 
 def bench_vae_only(vae, resolution, batch_size, device, repeats=5) -> float:
     x = torch.rand(batch_size, 3, resolution, resolution, device=device) * 2 - 1
-    encode_moments(vae, x)  # warm-up
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t = time.time()
-    for _ in range(repeats):
-        encode_moments(vae, x)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return batch_size * repeats / (time.time() - t)
+    times = interleave({"encode": lambda: encode_moments(vae, x)}, rounds=1, repeats=repeats, warmup=1)["encode"]
+    return batch_size * repeats / sum(times)
 
 
 def bench_loader(cache, batch_size, workers, batches) -> dict:
     loader = torch.utils.data.DataLoader(cache, batch_size=batch_size, shuffle=True, num_workers=workers,
                                          drop_last=True, persistent_workers=workers > 0)
-    seen, t, it = 0, None, iter(loader)
-    for step in range(batches + 1):
+    epoch = iter(loader)
+
+    def next_batch():
+        nonlocal epoch
         try:
-            b = next(it)
+            batch = next(epoch)
         except StopIteration:
-            it = iter(loader)
-            b = next(it)
-        sample_latent(b["x"])
-        if step == 0:
-            t = time.time()  # exclude worker start-up
-        else:
-            seen += len(b["y"])
-    return {"loader_samples_per_s": seen / (time.time() - t), "loader_batch": batch_size, "loader_workers": workers}
+            epoch = iter(loader)
+            batch = next(epoch)
+        sample_latent(batch["x"])
+
+    # The first call starts the workers: excluded from the timing.
+    seconds = sum(time_calls(next_batch, batches + 1)[1:])
+    return {"loader_samples_per_s": batches * batch_size / seconds, "loader_batch": batch_size,
+            "loader_workers": workers}
 
 
 def main(argv=None) -> int:
@@ -105,12 +100,16 @@ def main(argv=None) -> int:
                   "images": args.images, "batch_size": args.batch_size, "decode_workers": args.num_workers}
         result["vae_encode_only_images_per_s"] = bench_vae_only(vae, args.resolution, args.batch_size, args.device)
         out = os.path.join(work, "cache")
-        t = time.time()
-        r = encode_to_cache(ImageFolderSource(os.path.join(work, "images")), vae, info, out, args.resolution,
-                            args.flip, "float16", shard_size=1024, batch_size=args.batch_size,
-                            num_workers=args.num_workers, rank=0, world_size=1, progress=False)
-        result["cache_images_per_s"] = r["images_per_s"]  # decode + crop + encode + shard writes
-        result["cache_seconds_with_validation"] = time.time() - t
+        source, written = ImageFolderSource(os.path.join(work, "images")), {}
+
+        def encode():
+            written.update(encode_to_cache(source, vae, info, out, args.resolution, args.flip, "float16",
+                                           shard_size=1024, batch_size=args.batch_size,
+                                           num_workers=args.num_workers, rank=0, world_size=1, progress=False))
+
+        [seconds] = time_calls(encode, 1)
+        result["cache_images_per_s"] = written["images_per_s"]  # decode + crop + encode + shard writes
+        result["cache_seconds_with_validation"] = seconds
         result.update(bench_loader(LatentCache(out), args.loader_batch, args.loader_workers, args.loader_batches))
     print(json.dumps(result), flush=True)
     return 0

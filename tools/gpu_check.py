@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from maskdit_ds import dist, hardware  # noqa: E402
+from maskdit_ds.timing import time_calls  # noqa: E402
 
 # Sizes: the issue's (XL/2 at 256 px, batch 128) on GPUs; tiny ones for the CPU smoke run in the test suite.
 FULL = dict(model="MaskDiT-XL/2", latent=32, batch=128, gemm=8192, precisions=("bf16", "fp16"), compile="both",
@@ -177,27 +179,16 @@ def phase_gemm(args) -> dict:
 
 
 def timed(fn, device, repeats: int) -> float:
-    """Mean seconds per call (CUDA events on GPUs)."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3 / repeats
-    t = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t) / repeats
+    """Median seconds per call, after one warm-up call (timing.time_calls synchronises around each call)."""
+    return statistics.median(time_calls(fn, repeats + 1)[1:])
 
 
 def phase_bench(args) -> dict:
-    """tools/benchmark.py: masked vs unmasked, eager vs compiled, and the plain-PyTorch baseline, per precision."""
+    """python -m maskdit_ds bench: masked vs unmasked, eager vs compiled, and the plain-PyTorch baseline, per precision."""
     s, out = sizes(args), {}
     for precision in s["precisions"]:
         rows_file = Path(args.out) / f"bench_{precision}.json"
-        cmd = [sys.executable, "tools/benchmark.py", "--model", s["model"], "--input-size", str(s["latent"]),
+        cmd = [sys.executable, "-m", "maskdit_ds", "bench", "--model", s["model"], "--input-size", str(s["latent"]),
                "--channels", "4", "--batch", str(s["batch"]), "--precision", precision, "--compile", s["compile"],
                "--baseline", "--rounds", str(s["rounds"]), "--steps", str(s["steps"]), "--warmup", "2",
                "--json", str(rows_file)]
@@ -296,7 +287,7 @@ def stopped_run(cmd: list[str], stats: Path, stop_at: int, log: Path) -> int:
 
 def random_export(folder: Path, model: str, latent: int) -> Path:
     """A random-weight export of `model` (non-zero output layer, so guidance does real work)."""
-    from maskdit_ds.checkpoint import export
+    from maskdit_ds.model.export import export
     from maskdit_ds.config import ModelConfig
     from maskdit_ds.model import build_denoiser
 
@@ -323,7 +314,7 @@ def random_vae(folder: Path, smoke: bool) -> Path:
 
 
 def phase_sampling(args) -> dict:
-    """tools/sample.py on a random-weight export with guidance and a random SD VAE decoder, per precision."""
+    """python -m maskdit_ds sample on a random-weight export with guidance and a random SD VAE decoder, per precision."""
     s, work = sizes(args), Path(args.out) / "sampling"
     shutil.rmtree(work, ignore_errors=True)
     model = random_export(work / "model", s["model"], s["latent"])
@@ -332,7 +323,7 @@ def phase_sampling(args) -> dict:
     for precision in ("bf16", "fp16", "fp32") if torch.cuda.is_available() else ("fp32",):
         n = s["sample_images"] // (2 if precision == "fp32" and not args.smoke else 1)
         dest = work / precision
-        run([sys.executable, "tools/sample.py", str(model), "--out", str(dest), "--vae", str(vae),
+        run([sys.executable, "-m", "maskdit_ds", "sample", str(model), "--out", str(dest), "--vae", str(vae),
              "--num-images", str(n), "--steps", str(s["sample_steps"]), "--guidance", "1.5", "--precision",
              precision, "--batch-size", "64", "--grid", "0", "--no-progress"], work / f"{precision}.log")
         report = json.loads((dest / "samples.json").read_text())

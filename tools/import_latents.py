@@ -1,51 +1,13 @@
-"""Convert the public MaskDiT latent releases into a maskdit_ds latent cache.
-
-  256 px LMDB:       python tools/import_latents.py --reference /data/maskdit/imagenet256-latents --out /data/latents/ref256
-  512 px WebDataset: python tools/import_latents.py --reference '/data/maskdit/latent_512/*.tar' --out /data/latents/ref512
-Pickled .latent/.cls members are read with a restricted unpickler (numpy arrays only); anything else is refused.
-Re-running the same command resumes at the first missing shard.
-"""
-
-import argparse
-import json
+"""Shortcut for `python -m maskdit_ds import-latents` (maskdit_ds/cli/import_latents.py); kept so existing scripts keep working."""
 import os
 import sys
 
 try:
     import maskdit_ds  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
+except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from maskdit_ds.data.reference_import import RefusedPickle, import_reference, open_reference
-from maskdit_ds.errors import StorageError
-
-
-def main(argv=None) -> int:
-    import datasets
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reference", required=True, nargs="+", help="LMDB folder, or tar files / folders / globs")
-    p.add_argument("--out", required=True, help="cache directory to create (or resume)")
-    p.add_argument("--resolution", type=int, default=None, help="default: latent size x 8")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--moments-dtype", default="float32", choices=("float16", "float32"))
-    p.add_argument("--shard-size", type=int, default=4096)
-    p.add_argument("--vae-id", default=None, help="record which VAE made the release, if known")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    datasets.disable_progress_bars()
-    ref = args.reference[0] if len(args.reference) == 1 else args.reference
-    try:
-        reader = open_reference(ref)
-        result = import_reference(reader, args.out, args.resolution, args.num_classes, args.moments_dtype,
-                                  args.shard_size, args.vae_id, progress=not args.no_progress)
-    except (RefusedPickle, ValueError, FileNotFoundError, ImportError, StorageError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)  # one line: a refusal is not a crash
-        return 2
-    meta = result.pop("meta")
-    print(json.dumps(dict(result, count=meta["count"], resolution=meta["resolution"])), flush=True)
-    return 0
-
+from maskdit_ds.cli.import_latents import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,8 +33,10 @@ from maskdit_ds.config import load_config  # noqa: E402
 from maskdit_ds.dist import free_port  # noqa: E402
 from maskdit_ds.data.digits import DigitsDataset, DigitsJudge, load_digits_arrays  # noqa: E402
 from maskdit_ds.evaluation.metrics import frechet_distance, gaussian_stats  # noqa: E402
-from maskdit_ds.model import get_size, train_flops  # noqa: E402
-from maskdit_ds.sample import SamplerConfig, generate, image_grid, to_uint8  # noqa: E402
+from maskdit_ds.config import SamplerConfig  # noqa: E402
+from maskdit_ds.data.transforms import image_grid, to_uint8  # noqa: E402
+from maskdit_ds.diffusion.sampler import sample_seeds  # noqa: E402
+from maskdit_ds.model import get_size, kept_tokens, token_grid, train_flops  # noqa: E402
 
 FINETUNE_CLASSES = [5, 6, 7, 8, 9]
 
@@ -118,8 +120,9 @@ def sample_and_score(run_dir: Path, judges: Judges, n: int, steps: int, guidance
     net = load_pretrained(run_dir)  # the newest export: EMA weights
     labels = torch.tensor(FINETUNE_CLASSES * (n // len(FINETUNE_CLASSES)))
     start = time.time()
-    images, _ = generate(net, list(range(len(labels))), (1, 16, 16), net.num_classes,
-                         SamplerConfig(steps=steps, guidance=guidance), "cpu", class_labels=labels, batch_size=250)
+    images, _ = sample_seeds(net, list(range(len(labels))), (1, 16, 16), net.num_classes,
+                             SamplerConfig(steps=steps, guidance=guidance), "cpu", class_labels=labels,
+                             batch_size=250)
     pixels = to_uint8(images.float())
     np.savez(run_dir / "demo_samples.npz", arr_0=pixels, arr_1=labels.numpy())
     from PIL import Image
@@ -160,8 +163,9 @@ def main(argv=None) -> int:
     model = [f"model.name={args.model}"] if args.model else []
     pre_cfg = load_config("maskdm_digits_pretrain", model)
     size, res, ch = get_size(pre_cfg.model.name), pre_cfg.model.input_size, pre_cfg.model.in_channels
-    pre_flops = args.pre_steps * args.pre_batch * train_flops(size, res, ch, args.mask_ratio)
-    fine_flops = args.fine_batch * train_flops(size, res, ch, 0.0)  # one unmasked fine-tuning step
+    kept = kept_tokens(pre_cfg.mask.strategy, token_grid(pre_cfg.model), args.mask_ratio)
+    pre_flops = args.pre_steps * args.pre_batch * train_flops(size, res, ch, kept)
+    fine_flops = args.fine_batch * train_flops(size, res, ch)  # one unmasked fine-tuning step
     extra = round(pre_flops / fine_flops)
     scratch_steps = args.fine_steps + extra
     batch = lambda b: [f"train.global_batch={b}", f"train.micro_batch={b // args.ranks}"]  # noqa: E731

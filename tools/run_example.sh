@@ -15,7 +15,7 @@ FID=()
 if [ -f "$WEIGHTS" ]; then
   mkdir -p runs/refs
   [ -f runs/refs/digits_ref.npz ] || { python tools/digits_reference.py --out runs/refs/digits_real.npz &&
-    python tools/eval_fid.py ref --images runs/refs/digits_real.npz --out runs/refs/digits_ref.npz --weights "$WEIGHTS"; }
+    python -m maskdit_ds eval ref --images runs/refs/digits_real.npz --out runs/refs/digits_ref.npz --weights "$WEIGHTS"; }
   FID=(eval.fid_every=500 eval.fid_samples=500 eval.fid_ref=runs/refs/digits_ref.npz "eval.inception_weights=$WEIGHTS")
 else
   echo "in-training FID off: no Inception weights at $WEIGHTS (set INCEPTION_WEIGHTS=...; see docs/evaluation.md)"

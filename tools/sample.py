@@ -1,86 +1,13 @@
-"""Sample N images from an exported checkpoint or a run directory into an ADM .npz (arr_0 uint8 NHWC, arr_1 labels).
-
-  python tools/sample.py runs/digits --out samples/digits --num-images 1000 --steps 18 --guidance 1.5
-  torchrun --nproc_per_node 8 tools/sample.py exp/maskdit256 --out samples/xl256 --vae /models/sd-vae-ft-ema
-  accelerate launch --num_processes 8 tools/sample.py exp/maskdit256 --out samples/xl256 --vae ...
-Writes <out>/samples.npz, samples.json (settings, seeds, class counts, images/s) and samples.png. Image i uses seed
---first-seed + i, so the file is the same on 1 or N ranks. Re-running the same command resumes a killed run: finished
-chunks in <out>/chunks are kept. Evaluate with tools/eval_fid.py.
-"""
-
-import argparse
-import math
+"""Shortcut for `python -m maskdit_ds sample` (maskdit_ds/cli/sample.py); kept so existing scripts keep working."""
 import os
 import sys
 
 try:
     import maskdit_ds  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
+except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from maskdit_ds.errors import StorageError
-from maskdit_ds.generate import CLASS_MODES, PRECISIONS, GenerateConfig, run_generation
-from maskdit_ds.sample import SamplerConfig
-
-
-def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="export folder (config.json + model.safetensors) or run directory (newest export)")
-    p.add_argument("--out", required=True, help="output folder")
-    g = p.add_argument_group("what to generate")
-    g.add_argument("--num-images", type=int, default=50_000)
-    g.add_argument("--first-seed", type=int, default=0, help="image i uses seed first_seed + i")
-    g.add_argument("--classes", choices=CLASS_MODES, default="random",
-                   help="random: uniform from each seed (DiT/MaskDiT); balanced: equal counts, shuffled")
-    s = p.add_argument_group("EDM sampler (SPEC section 6)")
-    s.add_argument("--steps", type=int, default=40)
-    s.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (1: none)")
-    s.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), default=(0.0, math.inf),
-                   help="apply guidance only for sigma in [LO, HI]")
-    s.add_argument("--euler", action="store_true", help="first-order steps instead of Heun")
-    s.add_argument("--sigma-min", type=float, default=0.002)
-    s.add_argument("--sigma-max", type=float, default=80.0)
-    s.add_argument("--rho", type=float, default=7.0)
-    s.add_argument("--s-churn", type=float, default=0.0)
-    s.add_argument("--s-min", type=float, default=0.0)
-    s.add_argument("--s-max", type=float, default=math.inf)
-    s.add_argument("--s-noise", type=float, default=1.0)
-    r = p.add_argument_group("running")
-    r.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="network autocast dtype: auto = bf16 on GPUs (fp16 before Ampere), fp32 on CPUs; the EDM "
-                        "scalings and the ODE solver stay fp32/float64")
-    r.add_argument("--batch-size", type=int, default=64, help="images per network batch per rank")
-    r.add_argument("--chunk-size", type=int, default=1000, help="images per resumable chunk")
-    r.add_argument("--rounding", choices=["floor", "round"], default="floor",
-                   help="floor((x+1)*127.5) (reference MaskDiT/ADM) or 127.5x+128 rounded (DiT/EDM)")
-    r.add_argument("--vae", default="", help="diffusers AutoencoderKL for latent models (default: the run's data.vae)")
-    r.add_argument("--latent-scale", type=float, default=0.18215)
-    r.add_argument("--vae-batch", type=int, default=16, help="decode batch (halved on out-of-memory)")
-    r.add_argument("--grid", type=int, default=100, help="images in samples.png (0: none)")
-    r.add_argument("--keep-chunks", action="store_true")
-    r.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    a = parse(argv)
-    sampler = SamplerConfig(steps=a.steps, sigma_min=a.sigma_min, sigma_max=a.sigma_max, rho=a.rho,
-                            guidance=a.guidance, guidance_interval=tuple(a.guidance_interval), heun=not a.euler,
-                            S_churn=a.s_churn, S_min=a.s_min, S_max=a.s_max, S_noise=a.s_noise)
-    gcfg = GenerateConfig(num_images=a.num_images, first_seed=a.first_seed, class_mode=a.classes,
-                          batch_size=a.batch_size, chunk_size=a.chunk_size, precision=a.precision,
-                          rounding=a.rounding, vae=a.vae, latent_scale=a.latent_scale, vae_batch=a.vae_batch,
-                          grid=a.grid, keep_chunks=a.keep_chunks, sampler=sampler)
-    try:
-        npz = run_generation(a.model, a.out, gcfg, progress=not a.no_progress)
-    except (ValueError, FileNotFoundError, StorageError) as e:
-        sys.exit(f"error: {e}")
-    if npz is not None:
-        print(f"wrote {npz}")
-    from maskdit_ds import dist
-
-    dist.destroy_process_group()
-
+from maskdit_ds.cli.sample import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

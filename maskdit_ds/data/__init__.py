@@ -1,4 +1,4 @@
-"""Datasets for training: the built-in digits, latent caches (tools/cache_latents.py) and image sources."""
+"""Datasets for training (docs/method.md §5): the built-in digits, latent caches and image sources, by data.source."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,25 +23,35 @@ def select(dataset: Dataset, labels: torch.Tensor, classes: list, fraction: floa
     return Subset(dataset, keep.tolist())
 
 
+def _digits(data_cfg, model_cfg):
+    ds = DigitsDataset(data_cfg.resolution)
+    return ds, ds.y
+
+
+def _latents(data_cfg, model_cfg):
+    from .latent_cache import LatentCache
+
+    ds = LatentCache(data_cfg.path)
+    ds.check_compatible(data_cfg.resolution, model_cfg.in_channels)
+    return ds, ds.labels()
+
+
+def _images(data_cfg, model_cfg):
+    from .sources import ImageDataset
+
+    # hf: a saved dataset folder, or a hub name such as "imagenet-1k" (needs the hub or its cache)
+    hub_name = data_cfg.source == "hf" and not Path(data_cfg.path).exists()
+    ds = ImageDataset(f"hf:{data_cfg.path}" if hub_name else data_cfg.path, data_cfg.resolution)
+    return ds, ds.labels()
+
+
+BUILDERS = {"digits": _digits, "latents": _latents, "images": _images, "hf": _images}  # config.DATA_SOURCES
+
+
 def build_dataset(data_cfg, model_cfg, seed: int = 0) -> Dataset:
     """A map-style dataset of {"x", "y"} for the configured source, checked against the model config."""
-    if data_cfg.source == "digits":
-        ds = DigitsDataset(data_cfg.resolution)
-        labels = ds.y
-    elif data_cfg.source == "latents":
-        from .latent_cache import LatentCache
-
-        ds = LatentCache(data_cfg.path)
-        ds.check_compatible(data_cfg.resolution, model_cfg.in_channels)
-        labels = ds.labels()
-    else:
-        from .sources import ImageDataset
-
-        # hf: a saved dataset folder, or a hub name such as "imagenet-1k" (needs the hub or its cache)
-        hub_name = data_cfg.source == "hf" and not Path(data_cfg.path).exists()
-        ds = ImageDataset(f"hf:{data_cfg.path}" if hub_name else data_cfg.path, data_cfg.resolution)
-        labels = ds.labels()
-    channels = model_cfg.in_channels * (2 if data_cfg.source == "latents" else 1)  # caches hold mean + logvar
+    ds, labels = BUILDERS[data_cfg.source](data_cfg, model_cfg)
+    channels = model_cfg.in_channels * (2 if data_cfg.kind.latent else 1)  # caches hold mean + logvar
     expected = (channels, model_cfg.input_size, model_cfg.input_size)
     if tuple(ds[0]["x"].shape) != expected:
         raise ValueError(f"data.source={data_cfg.source}: items have shape {tuple(ds[0]['x'].shape)}, but model "
@@ -52,7 +62,7 @@ def build_dataset(data_cfg, model_cfg, seed: int = 0) -> Dataset:
 
 def to_model_input(x: torch.Tensor, data_cfg) -> torch.Tensor:
     """Latent caches hold posterior moments: draw a fresh scaled latent every step. Pixels pass through."""
-    if data_cfg.source == "latents":
+    if data_cfg.kind.latent:
         from .latent_cache import sample_latent
 
         return sample_latent(x, scale=data_cfg.latent_scale)
@@ -60,12 +70,12 @@ def to_model_input(x: torch.Tensor, data_cfg) -> torch.Tensor:
 
 
 from .latent_cache import LatentCache, encode_to_cache, sample_latent  # noqa: E402
-from .reference_import import RefusedPickle, import_reference, open_reference  # noqa: E402
+from .release_import import RefusedPickle, import_release, open_release  # noqa: E402
 from .sources import BadImage, HFImageSource, ImageDataset, ImageFolderSource, open_source  # noqa: E402
 from .transforms import adm_center_crop  # noqa: E402
 from .vae import encode_moments, load_vae  # noqa: E402
 
-__all__ = ["LatentCache", "encode_to_cache", "sample_latent", "RefusedPickle", "import_reference", "open_reference",
+__all__ = ["LatentCache", "encode_to_cache", "sample_latent", "RefusedPickle", "import_release", "open_release",
            "BadImage", "HFImageSource", "ImageDataset", "ImageFolderSource", "open_source", "adm_center_crop",
            "encode_moments", "load_vae",
            "DigitsDataset", "DigitsJudge", "ResumableLoader", "ResumableSampler", "build_dataset", "to_model_input",

@@ -1,4 +1,4 @@
-"""VAE latent cache of MaskDiT (SPEC 5): sharded, resumable encoding to Arrow shards, validation, the reader, sample_latent.
+"""VAE latent cache of MaskDiT (docs/method.md §5): sharded, resumable encoding to Arrow shards, validation, the reader, sample_latent.
 
 Layout of a cache directory:
   plan.json              settings that every shard must share (written before any work)
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .. import dist
-from ..checkpoint import atomic_write_text, storage_guard
+from ..io import atomic_write_text, storage_guard
 from .sources import BadImage
 from .transforms import adm_center_crop
 from .vae import encode_moments

@@ -1,4 +1,4 @@
-"""Image sources for MaskDiT data (SPEC 5): an ImageNet-style class folder or a Hugging Face dataset."""
+"""Image sources for MaskDiT data (docs/method.md §5): an ImageNet-style class folder or a Hugging Face dataset."""
 
 import hashlib
 import io

@@ -1,4 +1,6 @@
-"""Image preprocessing of MaskDiT (SPEC 5): RGB conversion, ADM center crop, [-1, 1] tensors, flips."""
+"""Images in and out (docs/method.md §5): RGB conversion, the ADM centre crop, [-1, 1] tensors and flips on the way
+in; uint8 pixels and picture grids on the way out."""
+import math
 
 import numpy as np
 import torch
@@ -48,3 +50,47 @@ def to_tensor_pm1(arr: np.ndarray) -> torch.Tensor:
 def hflip(x: torch.Tensor) -> torch.Tensor:
     """Horizontal flip of a (..., H, W) tensor."""
     return torch.flip(x, dims=(-1,))
+
+
+def to_uint8(images: torch.Tensor, rounding: str = "floor") -> np.ndarray:
+    """[-1, 1] (N, C, H, W) -> uint8 NHWC with 3 channels. floor: the reference's floor(clamp((x+1) 127.5));
+    round: 127.5 x + 128 clamped (DiT's convention). Grey images are repeated to RGB for ADM's evaluator."""
+    if rounding == "floor":
+        pixels = ((images.double() + 1) * 127.5).clamp(0, 255).floor()
+    elif rounding == "round":
+        pixels = (images.double() * 127.5 + 128).clamp(0, 255).floor()
+    else:
+        raise ValueError(f"rounding must be floor or round, got {rounding!r}")
+    pixels = pixels.to(torch.uint8).permute(0, 2, 3, 1)
+    if pixels.shape[-1] == 1:
+        pixels = pixels.expand(-1, -1, -1, 3)
+    return pixels.contiguous().numpy()
+
+
+def image_grid(images_uint8: np.ndarray, columns: int = 0) -> np.ndarray:
+    """(N, H, W, 3) -> one (rows*H, cols*W, 3) picture."""
+    n, h, w, c = images_uint8.shape
+    cols = columns or int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i, img in enumerate(images_uint8):
+        r, col = divmod(i, cols)
+        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = img
+    return grid
+
+
+def class_grid(images_uint8: np.ndarray, labels: np.ndarray, rows: int = 10, columns: int = 10,
+               min_side: int = 64, gap: int = 2) -> np.ndarray:
+    """A picture to read at a glance: one row per class in label order (the first `rows` classes present),
+    up to `columns` of its samples, each tile upscaled (nearest) to at least `min_side` px, white gaps between.
+    images_uint8 (N, H, W, 3), labels (N,) -> (rows' * (S + gap) + gap, columns * (S + gap) + gap, 3)."""
+    n, h, w, c = images_uint8.shape
+    scale = max(1, -(-min_side // max(h, w)))  # ceil: 16 px digits -> 4x
+    th, tw = h * scale, w * scale
+    classes = np.unique(labels)[:rows]
+    grid = np.full((len(classes) * (th + gap) + gap, columns * (tw + gap) + gap, c), 255, dtype=np.uint8)
+    for r, cls in enumerate(classes):
+        for col, i in enumerate(np.flatnonzero(labels == cls)[:columns]):
+            top, left = gap + r * (th + gap), gap + col * (tw + gap)
+            grid[top : top + th, left : left + tw] = images_uint8[i].repeat(scale, 0).repeat(scale, 1)
+    return grid

@@ -1,5 +1,7 @@
-"""The frozen Stable Diffusion KL-f8 VAE (SPEC 5): load from a folder, a hub id or one original-layout file; encode to moments."""
+"""The frozen Stable Diffusion KL-f8 VAE (docs/method.md §5): load from a folder, a hub id or one original-layout
+file; encode images to posterior moments, decode latents to images."""
 
+import functools
 import hashlib
 import json
 import os
@@ -7,9 +9,9 @@ import tempfile
 
 import torch
 
-from ..checkpoint import sha256_file
+from ..hardware import DTYPES
+from ..io import sha256_file
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                 "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -113,3 +115,31 @@ def encode_moments(vae, x: torch.Tensor) -> torch.Tensor:
     the log-variance, which diffusers already clamps to [-30, 20] (the clamp sample_latent applies)."""
     dist = vae.encode(x.to(device=vae.device, dtype=vae.dtype)).latent_dist
     return torch.cat([dist.mean.float(), dist.logvar.float()], dim=1)
+
+
+@functools.lru_cache(maxsize=1)
+def load_decoder(spec: str, device):
+    """diffusers AutoencoderKL in eval mode plus its description (sha256 etc.), or (None, None) for pixel models.
+    Cached: sample grids, in-training FID and final samples of one run share one VAE (loaded and hashed once)."""
+    if not spec:
+        return None, None
+    return load_vae(spec, device=device)
+
+
+def decode(vae, latents: torch.Tensor, latent_scale: float, batch: int) -> tuple[torch.Tensor, int]:
+    """latents (N, 4, h, w) -> images (N, 3, 8h, 8w) in [-1, 1] on CPU. Halves the batch on CUDA out-of-memory;
+    returns the batch size that worked, for the next call."""
+    out, start = [], 0
+    while start < len(latents):
+        z = latents[start:start + batch].to(vae.device, vae.dtype) / latent_scale
+        try:
+            with torch.no_grad():
+                out.append(vae.decode(z).sample.float().clamp(-1, 1).cpu())
+        except torch.cuda.OutOfMemoryError:
+            if batch == 1:
+                raise
+            batch = max(1, batch // 2)
+            torch.cuda.empty_cache()
+            continue
+        start += len(z)
+    return torch.cat(out), batch

@@ -1,12 +1,12 @@
 """Sample / reference .npz files as ADM's evaluator reads them: arr_0 streamed in batches, optional mu/sigma."""
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from ..io import atomic_path
 from .inception import POOL3_DIM, SPATIAL_DIM
 from .metrics import GaussianStats
 
@@ -132,7 +132,5 @@ def save_reference(path, images: np.ndarray, pool3: GaussianStats, spatial: Gaus
     """Write an ADM-format reference batch: arr_0 (uint8 NHWC, the P/R images) and the FID/sFID statistics."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:  # a file object keeps numpy from appending another ".npz"
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object keeps numpy from appending ".npz"
         np.savez(f, arr_0=images, mu=pool3.mu, sigma=pool3.sigma, mu_s=spatial.mu, sigma_s=spatial.sigma)
-    os.replace(tmp, path)

@@ -10,10 +10,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..data.transforms import adm_center_crop
+from ..io import atomic_path, sha256_file
 from .extractor import InceptionExtractor
 from .metrics import GaussianStats, RunningGaussian, gaussian_stats
 from .npz_io import NpzImages, open_images, read_stats, save_reference
-from .weights import sha256_file
 
 CACHE_VERSION = 1  # bump when the feature computation changes, so stale caches are not reused
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -57,10 +58,8 @@ def _reference_activations(images: NpzImages, ref_sha: str, extractor: Inception
     if use_cache and extractor.weights_sha256:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.name + ".tmp")
-            with open(tmp, "wb") as f:
+            with atomic_path(cache) as tmp, open(tmp, "wb") as f:
                 np.savez(f, pool3=acts.pool3, spatial=acts.spatial)
-            tmp.replace(cache)
         except OSError as e:
             warnings.warn(f"could not write the reference activation cache {cache}: {e}")
     return acts.pool3, acts.spatial
@@ -95,19 +94,6 @@ def load_reference_stats(path, extractor: InceptionExtractor | None = None, cach
 
 # ---------------------------------------------------------------------------------------------------------------
 # Building a reference batch for a dataset ADM never published.
-
-
-def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
-    """ADM / DiT `center_crop_arr`: BOX-halve while the short side >= 2*size, BICUBIC-resize the short side to
-    `size` (rounded), centre-crop. Returns uint8 (size, size, 3)."""
-    image = image.convert("RGB")
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.Resampling.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.Resampling.BICUBIC)
-    arr = np.asarray(image)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size]
 
 
 def list_images(folder) -> list[Path]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import sha256_file
+from ..io import sha256_file
 from .inception import FIDInceptionV3
 
 # pytorch-fid's conversion of the 2015 TF graph; torch-fidelity's copy has the same bytes.

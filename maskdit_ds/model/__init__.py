@@ -1,9 +1,10 @@
-"""MaskDiT model family: pure torch, no distributed code."""
+"""MaskDiT model family (docs/method.md §1, §10): pure torch, no distributed code."""
 import torch.nn as nn
 
+from .export import export, export_state, find_export, load_pretrained, read_export_config
 from .flops import forward_flops, gemm_shapes, train_flops
 from .layers import DiTBlock
-from .masking import MaskRecord, num_kept, random_mask, record_from_mask
+from .masking import STRATEGIES, Masker, MaskRecord, kept_tokens, make_mask, num_kept
 from .maskdit import MaskDiT
 from .precond import EDMPrecond
 from .registry import MODELS, ModelSize, get_size
@@ -26,5 +27,12 @@ def build_denoiser(model_cfg) -> EDMPrecond:
     return EDMPrecond(net, sigma_data=model_cfg.sigma_data)
 
 
-__all__ = ["BACKBONES", "MODELS", "ModelSize", "MaskDiT", "UViT", "EDMPrecond", "MaskRecord", "build_denoiser", "get_size", "trunk_blocks",
-           "forward_flops", "gemm_shapes", "train_flops", "num_kept", "random_mask", "record_from_mask"]
+def token_grid(model_cfg) -> int:
+    """Tokens per side: input size / patch size."""
+    return model_cfg.input_size // get_size(model_cfg.name).patch_size
+
+
+__all__ = ["BACKBONES", "MODELS", "STRATEGIES", "ModelSize", "MaskDiT", "UViT", "EDMPrecond", "MaskRecord", "Masker",
+           "build_denoiser", "export", "export_state", "find_export", "forward_flops", "gemm_shapes", "get_size",
+           "kept_tokens", "load_pretrained", "make_mask", "num_kept", "read_export_config", "token_grid",
+           "train_flops", "trunk_blocks"]

@@ -1,4 +1,4 @@
-"""Transformer building blocks of MaskDiT (SPEC section 1): DiT blocks with adaLN-Zero, embedders, sin-cos tables."""
+"""Transformer building blocks of MaskDiT (docs/method.md §1): DiT blocks with adaLN-Zero, embedders, sin-cos tables."""
 from __future__ import annotations
 
 import math

@@ -6,12 +6,12 @@ import torch.nn as nn
 
 from .layers import (DiTBlock, FixedSinCos, LabelEmbedder, ModulatedLinear, PatchEmbed, TimestepEmbedder,
                      unpatchify)
-from .masking import gather_tokens, training_mask
+from .masking import MaskRecord, gather_tokens
 from .registry import ModelSize
 
 
 class MaskDiT(nn.Module):
-    """F(x_in, c_noise, y_onehot[, mask]) -> (N, C, H, W). Pure torch; masking only in training mode."""
+    """F(x_in, c_noise, y_onehot[, record]) -> (N, C, H, W). Pure torch; drops the tokens a record removes."""
 
     def __init__(self, size: ModelSize, input_size: int, in_channels: int, num_classes: int):
         super().__init__()
@@ -57,11 +57,11 @@ class MaskDiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x, c_noise, y_onehot, mask_ratio: float = 0.0, mask: torch.Tensor | None = None):
-        """x (N, C, H, W), c_noise (N,), y_onehot (N, classes) -> (out (N, C, H, W), MaskRecord or None)."""
+    def forward(self, x, c_noise, y_onehot, record: MaskRecord | None = None) -> torch.Tensor:
+        """x (N, C, H, W), c_noise (N,), y_onehot (N, classes), record: the training mask (None: all tokens)
+        -> (N, C, H, W)."""
         tokens = self.pos_embed(self.x_embedder(x))  # (N, L, D)
         c = self.t_embedder(c_noise) + self.y_embedder(y_onehot.to(tokens.dtype))  # (N, D)
-        record = training_mask(self.training, x.shape[0], self.num_tokens, mask_ratio, mask, x.device)
         if record is not None:
             tokens = gather_tokens(tokens, record.ids_keep)  # (N, L_keep, D): dropped tokens never enter
         for block in self.blocks:
@@ -73,4 +73,4 @@ class MaskDiT(nn.Module):
         tokens = self.decoder_pos_embed(tokens)
         for block in self.decoder_blocks:
             tokens = block(tokens, c)
-        return unpatchify(self.final_layer(tokens, c), self.grid, self.size.patch_size, self.in_channels), record
+        return unpatchify(self.final_layer(tokens, c), self.grid, self.size.patch_size, self.in_channels)

@@ -1,8 +1,14 @@
-"""Token masking (SPEC sections 1.3 and 9): which tokens the encoder sees, by strategy. One record type."""
+"""Token masking (docs/method.md §1 and §10): which tokens the encoder sees, by strategy, as one record type.
+
+The one route: the training step builds a Masker for the step's ratio; the loss asks it for a MaskRecord after
+drawing its noise; the model only consumes the record (None: unmasked). A new strategy is one function with the
+signature of random_mask plus its kept-token count, registered in STRATEGIES.
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -36,10 +42,10 @@ def record_from_order(order: torch.Tensor, num_keep: int) -> MaskRecord:
     return MaskRecord(ids_keep=order[:, :num_keep], ids_restore=ids_restore, mask=mask)
 
 
-def random_mask(n: int, num_tokens: int, ratio: float, device=None, generator=None) -> MaskRecord:
-    """Keep floor(L (1 - r)) tokens per sample, uniformly and independently (argsort of uniform noise)."""
-    noise = torch.rand(n, num_tokens, device=device, generator=generator)
-    return record_from_order(torch.argsort(noise, dim=1), num_kept(num_tokens, ratio))
+def random_mask(n: int, grid: int, ratio: float, block: int = 0, device=None, generator=None) -> MaskRecord:
+    """MaskDiT: keep floor(L (1 - r)) tokens per sample, uniformly and independently (argsort of uniform noise)."""
+    noise = torch.rand(n, grid * grid, device=device, generator=generator)
+    return record_from_order(torch.argsort(noise, dim=1), num_kept(grid * grid, ratio))
 
 
 def record_from_mask(mask: torch.Tensor) -> MaskRecord:
@@ -57,9 +63,6 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-STRATEGIES = ("random", "block", "crop")
-
-
 def block_mask(n: int, grid: int, ratio: float, block: int, device=None, generator=None) -> MaskRecord:
     """MaskDM's structured masks: b x b token blocks become visible in a random order until floor(L (1 - r))
     tokens are visible; the last block may be partly visible so every sample keeps exactly that many."""
@@ -72,10 +75,15 @@ def block_mask(n: int, grid: int, ratio: float, block: int, device=None, generat
     return record_from_order(torch.argsort(key, dim=1), num_kept(grid * grid, ratio))
 
 
-def crop_mask(n: int, grid: int, ratio: float, device=None, generator=None) -> MaskRecord:
-    """One square window stays visible: side floor(sqrt(L (1 - r))) tokens, at a uniform random position."""
+def crop_side(grid: int, ratio: float) -> int:
+    """Side of crop_mask's visible window: floor(sqrt(L (1 - r))) tokens (at least 1)."""
     num_kept(grid * grid, ratio)  # raises on a ratio outside [0, 1)
-    side = max(1, math.floor(math.sqrt(grid * grid * (1.0 - ratio)) + 1e-6))
+    return max(1, math.floor(math.sqrt(grid * grid * (1.0 - ratio)) + 1e-6))
+
+
+def crop_mask(n: int, grid: int, ratio: float, block: int = 0, device=None, generator=None) -> MaskRecord:
+    """One square window stays visible: side floor(sqrt(L (1 - r))) tokens, at a uniform random position."""
+    side = crop_side(grid, ratio)
     top = torch.randint(0, grid - side + 1, (n, 1, 1), device=device, generator=generator)
     left = torch.randint(0, grid - side + 1, (n, 1, 1), device=device, generator=generator)
     idx = torch.arange(grid, device=device)
@@ -84,23 +92,51 @@ def crop_mask(n: int, grid: int, ratio: float, device=None, generator=None) -> M
     return record_from_mask((~inside).flatten(1).float())
 
 
+@dataclass(frozen=True)
+class Strategy:
+    """make(n, grid, ratio, block, device, generator) -> MaskRecord; kept(grid, ratio) -> tokens it keeps."""
+
+    make: Callable[..., MaskRecord]
+    kept: Callable[[int, float], int]
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "random": Strategy(random_mask, lambda grid, ratio: num_kept(grid * grid, ratio)),
+    "block": Strategy(block_mask, lambda grid, ratio: num_kept(grid * grid, ratio)),
+    "crop": Strategy(crop_mask, lambda grid, ratio: crop_side(grid, ratio) ** 2),
+}
+
+
 def make_mask(strategy: str, n: int, grid: int, ratio: float, block: int = 4, device=None,
-              generator=None) -> MaskRecord:
-    """Visible tokens per sample: random and block keep floor(L (1 - r)); crop keeps floor(sqrt(L (1 - r)))^2."""
-    if strategy == "random":
-        return random_mask(n, grid * grid, ratio, device=device, generator=generator)
-    if strategy == "block":
-        return block_mask(n, grid, ratio, block, device=device, generator=generator)
-    if strategy == "crop":
-        return crop_mask(n, grid, ratio, device=device, generator=generator)
-    raise ValueError(f"unknown mask strategy {strategy!r}; use one of {STRATEGIES}")
-
-
-def training_mask(training: bool, n: int, num_tokens: int, ratio: float, mask: torch.Tensor | None,
-                  device) -> MaskRecord | None:
-    """The mask a backbone applies: none in eval mode or at ratio 0; a caller's (N, L) mask; else random."""
-    if not training or (mask is None and ratio <= 0):
+              generator=None) -> MaskRecord | None:
+    """The record for n samples on a grid x grid token grid; None at ratio 0 (nothing is removed)."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
+    if ratio == 0:
         return None
-    if mask is not None:
-        return record_from_mask(mask.to(device))
-    return random_mask(n, num_tokens, ratio, device=device)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown mask strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    return STRATEGIES[strategy].make(n, grid, ratio, block, device=device, generator=generator)
+
+
+def kept_tokens(strategy: str, grid: int, ratio: float) -> int:
+    """Tokens the encoder sees per sample (all at ratio 0): what FLOP counts use."""
+    return grid * grid if ratio <= 0 else STRATEGIES[strategy].kept(grid, ratio)
+
+
+@dataclass(frozen=True)
+class Masker:
+    """One training step's masking: strategy, token grid, ratio (and block side). Called by the loss once it has
+    drawn its noise, so the random stream is noise, then labels, then the mask."""
+
+    strategy: str = "random"
+    grid: int = 1
+    ratio: float = 0.0
+    block: int = 4
+
+    def __call__(self, n: int, device=None) -> MaskRecord | None:
+        return make_mask(self.strategy, n, self.grid, self.ratio, self.block, device=device)
+
+    @property
+    def kept(self) -> int:
+        return kept_tokens(self.strategy, self.grid, self.ratio)

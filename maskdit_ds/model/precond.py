@@ -1,9 +1,12 @@
-"""EDM preconditioning (Karras et al. 2022) around the trunk, in fp32: the one place where precision is decided."""
+"""EDM preconditioning (Karras et al. 2022; docs/method.md §2) around the trunk, in fp32: the one place where
+precision is decided."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .masking import MaskRecord
 
 
 class EDMPrecond(nn.Module):
@@ -29,7 +32,9 @@ class EDMPrecond(nn.Module):
             return F.one_hot(class_labels.long(), self.num_classes).float()
         return class_labels.float()
 
-    def forward(self, x, sigma, class_labels=None, mask_ratio: float = 0.0, mask=None, return_mask: bool = False):
+    def forward(self, x, sigma, class_labels=None, record: MaskRecord | None = None) -> torch.Tensor:
+        """x (N, C, H, W) at noise level sigma (scalar or (N,)) -> the denoised estimate D, float32 (N, C, H, W).
+        record: the training mask the trunk applies (None: every token)."""
         x = x.float()
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
         sigma = sigma.expand(x.shape[0], 1, 1, 1)  # per-sample sigma, (N, 1, 1, 1)
@@ -40,9 +45,8 @@ class EDMPrecond(nn.Module):
         c_noise = sigma.log().flatten() / 4
         trunk_dtype = next(self.model.parameters()).dtype
         y = self.onehot(class_labels, x.shape[0], x.device)
-        out, record = self.model((c_in * x).to(trunk_dtype), c_noise, y, mask_ratio=mask_ratio, mask=mask)
-        denoised = c_skip * x + c_out * out.float()
-        return (denoised, record) if return_mask else denoised
+        out = self.model((c_in * x).to(trunk_dtype), c_noise, y, record)
+        return c_skip * x + c_out * out.float()
 
     def guided(self, x, sigma, class_labels, guidance: float = 1.0):
         """Classifier-free guidance D_u + g (D_c - D_u), both branches in one batch. sigma may be per sample."""

@@ -1,4 +1,4 @@
-"""Model sizes as data: the paper's MaskDiT family (SPEC section 1) plus tiny sizes for tests and examples."""
+"""Model sizes as data: the paper's MaskDiT family (docs/method.md §1) plus tiny sizes for tests and examples."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,7 +36,7 @@ MODELS: dict[str, ModelSize] = {
 MODELS["MaskDiT-T/2"] = ModelSize(2, 64, 4, 2, decoder_depth=1, decoder_hidden=32, decoder_heads=4)
 MODELS["MaskDiT-Digits/2"] = ModelSize(4, 128, 4, 2, decoder_depth=2, decoder_hidden=64, decoder_heads=4)  # 1.5M
 
-# U-ViT backbone (MaskDM, SPEC section 9): U-ViT's own sizes (Bao et al. 2023: S 13x512, M 17x768, L 21x1024),
+# U-ViT backbone (MaskDM, docs/method.md §10): U-ViT's own sizes (Bao et al. 2023: S 13x512, M 17x768, L 21x1024),
 # with the same light MAE-style decoder as MaskDiT, plus tiny sizes for tests and the digits demo.
 _UVIT = {"S": (13, 512, 8), "M": (17, 768, 12), "L": (21, 1024, 16)}
 MODELS.update({

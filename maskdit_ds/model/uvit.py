@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .layers import Attention, FixedSinCos, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, unpatchify
-from .masking import gather_tokens, num_kept, training_mask
+from .masking import MaskRecord, gather_tokens
 from .registry import ModelSize
 
 EXTRA_TOKENS = 2  # [time, label] in front of the patch tokens
@@ -44,7 +44,7 @@ class UViTBlock(nn.Module):
 
 
 class UViT(nn.Module):
-    """F(x_in, c_noise, y_onehot[, mask]) -> (N, C, H, W), the same contract as MaskDiT; masking in training only.
+    """F(x_in, c_noise, y_onehot[, record]) -> (N, C, H, W), the same contract as MaskDiT.
 
     size.depth blocks in all: depth // 2 shallow ("in") blocks, depth % 2 middle block, depth // 2 deep ("out")
     blocks with long skips; then decoder_depth blocks of width decoder_hidden (the MAE-style decoder).
@@ -108,14 +108,14 @@ class UViT(nn.Module):
             tokens = block(tokens, skips.pop())
         return self.norm(tokens)
 
-    def forward(self, x, c_noise, y_onehot, mask_ratio: float = 0.0, mask: torch.Tensor | None = None):
-        """x (N, C, H, W), c_noise (N,), y_onehot (N, classes) -> (out (N, C, H, W), MaskRecord or None)."""
+    def forward(self, x, c_noise, y_onehot, record: MaskRecord | None = None) -> torch.Tensor:
+        """x (N, C, H, W), c_noise (N,), y_onehot (N, classes), record: the training mask (None: all tokens)
+        -> (N, C, H, W)."""
         n = x.shape[0]
         patches = self.pos_embed(self.x_embedder(x))  # (N, L, D)
         t_tok = self.t_embedder(c_noise).to(patches.dtype)  # (N, D)
         y_tok = self.y_embedder(y_onehot.to(patches.dtype))  # (N, D); zero for the unconditional label
         extras = torch.stack([t_tok, y_tok], dim=1) + self.extras_embed.to(patches.dtype)  # (N, 2, D)
-        record = training_mask(self.training, n, self.num_tokens, mask_ratio, mask, x.device)
         if record is not None:
             patches = gather_tokens(patches, record.ids_keep)  # (N, L_keep, D): dropped tokens never enter
         tokens = self.decoder_embed(self.trunk(torch.cat([extras, patches], dim=1)))  # (N, 2 + L_keep, Dd)
@@ -127,24 +127,4 @@ class UViT(nn.Module):
         for block in self.decoder_blocks:
             tokens = block(tokens)
         out = self.final_layer(self.decoder_norm(tokens[:, EXTRA_TOKENS:]))  # (N, L, p*p*C)
-        return unpatchify(out, self.grid, self.size.patch_size, self.in_channels), record
-
-
-def block_flops(tokens: int, dim: int, mlp_ratio: float, skip: bool) -> float:
-    # qkv 6Td^2 + proj 2Td^2 + mlp 4*ratio*Td^2 + attention 4T^2 d (+ skip Linear(2d, d): 4Td^2)
-    return (8 + 4 * mlp_ratio + (4 if skip else 0)) * tokens * dim**2 + 4 * tokens**2 * dim
-
-
-def forward_flops(size: ModelSize, input_size: int, in_channels: int, mask_ratio: float = 0.0) -> float:
-    """Matmul FLOPs of one U-ViT forward for one image; the trunk sees floor(L (1 - r)) + 2 tokens."""
-    p, d, dd = size.patch_size, size.hidden_size, size.decoder_hidden
-    length = (input_size // p) ** 2
-    kept = (num_kept(length, mask_ratio) if mask_ratio > 0 else length) + EXTRA_TOKENS
-    flops = 2 * length * p * p * in_channels * d + 2 * (256 * d + d * d)  # patch embed + time MLP
-    half = size.depth // 2
-    flops += (half + size.depth % 2) * block_flops(kept, d, size.mlp_ratio, False)
-    flops += half * block_flops(kept, d, size.mlp_ratio, True)
-    flops += 2 * kept * d * dd  # decoder_embed
-    flops += size.decoder_depth * block_flops(length + EXTRA_TOKENS, dd, size.mlp_ratio, False)
-    flops += 2 * length * dd * p * p * in_channels  # final layer
-    return float(flops)
+        return unpatchify(out, self.grid, self.size.patch_size, self.in_channels)

@@ -1,0 +1,64 @@
+"""Time MaskDiT training steps on one device: mask ratios side by side in one run, on the real DeepSpeed engine
+(eager and/or compiled) and optionally a plain-PyTorch baseline, interleaved.
+
+    python -m maskdit_ds bench --model MaskDiT-S/2 --input-size 32 --batch 16 --baseline
+    python -m maskdit_ds bench --model MaskDiT-XL/2 --input-size 32 --batch 128 --precision fp16 --compile both
+    python -m maskdit_ds bench --model UViT-Digits/2 --input-size 32 --channels 3 --batch 32 --no-deepspeed \\
+        --ratios 0,0.5,0.75,0.9 --strategy block --block-size 2              # plain torch, MaskDM's block masks
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m maskdit_ds bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="MaskDiT-S/2", help="a name from maskdit_ds.model.registry.MODELS")
+    p.add_argument("--input-size", type=int, default=32, help="latent (or pixel) side, e.g. 32 for 256 px")
+    p.add_argument("--channels", type=int, default=4)
+    p.add_argument("--batch", type=int, default=16, help="images per step on this device")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
+                   help="auto: what training would pick on this machine")
+    p.add_argument("--ratios", default="0.5,0.0", help="mask ratios to interleave")
+    p.add_argument("--strategy", default="random", choices=["random", "block", "crop"], help="mask strategy")
+    p.add_argument("--block-size", type=int, default=2, help="tokens per block side for --strategy block")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5, help="steps per mode per round")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first")
+    p.add_argument("--baseline", action="store_true",
+                   help="also time a plain-PyTorch loop (torch AdamW + autocast, no DeepSpeed), interleaved")
+    p.add_argument("--no-deepspeed", action="store_true", help="only the plain-PyTorch loop")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off", "both"],
+                   help="torch.compile the blocks (auto: on GPUs); both: eager and compiled engines interleaved")
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args(argv)
+    args.ratios = tuple(float(r) for r in args.ratios.split(","))
+    if any(not 0 <= r < 1 for r in args.ratios):
+        p.error(f"--ratios: every ratio must be in [0, 1), got {args.ratios}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from ..training.bench import format_rows, run
+
+    rows = run(args.model, args.input_size, args.channels, args.batch, args.precision, args.ratios, args.rounds,
+               args.steps, warmup=args.warmup, baseline=args.baseline, compile=args.compile,
+               strategy=args.strategy, block_size=args.block_size, deepspeed=not args.no_deepspeed)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
+    print(format_rows(rows, f"{args.model} {args.input_size}x{args.input_size}x{args.channels}, batch {args.batch}, "
+                            f"{rows[0]['precision']}, {device}"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Training-step benchmark: mask ratios (and strategies) side by side on the real DeepSpeed engine, eager and/or
+compiled, optionally against a plain-PyTorch baseline (same network and loss, torch AdamW, autocast; no
+DeepSpeed), all interleaved in one run (maskdit_ds.timing). One process, one device.
+"""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from .. import dist
+from ..config import load_config, resolve_auto
+from ..diffusion import MaskedEDMLoss
+from ..hardware import DTYPES, device_peak_tflops
+from ..model import Masker, build_denoiser, gemm_shapes, get_size, token_grid, train_flops
+from ..timing import interleave, time_calls
+from .engine import Engine, compile_enabled, init_distributed
+from .stats import mfu, peak_memory_gb
+
+
+def bench_config(model: str, input_size: int, channels: int, batch: int, precision: str, strategy: str = "random",
+                 block_size: int = 2):
+    cfg = load_config("digits", [f"model.name={model}", f"model.input_size={input_size}",
+                                 f"model.in_channels={channels}", "model.num_classes=1000",
+                                 f"data.resolution={input_size}", f"train.micro_batch={batch}",
+                                 f"train.global_batch={batch}", f"engine.precision={precision}", "train.stages=[]",
+                                 f"mask.strategy={strategy}", f"mask.block_size={block_size}"])
+    return resolve_auto(cfg)[0]
+
+
+class TorchBaseline:
+    """The same step without DeepSpeed: fp32 weights, torch AdamW, autocast for bf16/fp16 (GradScaler for fp16).
+    Quotes what the engine costs or saves against the usual hand-written PyTorch loop."""
+
+    def __init__(self, net: torch.nn.Module, lr: float, precision: str):
+        self.net = net
+        fused = torch.cuda.is_available()
+        self.opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                                     fused=fused)
+        self.dtype = None if precision == "fp32" else DTYPES[precision]
+        self.scaler = torch.amp.GradScaler(enabled=precision == "fp16")
+
+    def __call__(self, *args, **kwargs):
+        with torch.autocast(dist.device().type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return self.net(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> None:
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def engines(cfg, compile: str) -> dict:
+    """DeepSpeed runners by name: eager, compiled (engine.compile=true), or both to interleave them."""
+    chosen = {"both": ("false", "true"), "on": ("true",), "off": ("false",), "auto": (cfg.engine.compile,)}[compile]
+    out = {}
+    for choice in chosen:
+        cfg.engine.compile = choice
+        name = "deepspeed+compile" if compile_enabled(choice) else "deepspeed"
+        out[name] = Engine(build_denoiser(cfg.model).to(dist.device()), cfg, world_size=1)
+    return out
+
+
+def step_fn(runner, loss_fn: MaskedEDMLoss, masker: Masker, x: torch.Tensor, y: torch.Tensor):
+    """One training step (forward, backward, optimizer) of `runner` on a fixed batch."""
+    def step() -> None:
+        loss, _ = loss_fn(runner, x, y, masker)
+        runner.backward(loss.mean())
+        runner.step()
+    return step
+
+
+def peak_memory(fn) -> float:
+    """GPU: peak allocated during fn (GiB). CPU: the process's peak RSS so far (it only grows, so per-mode
+    figures are not separable there)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    fn()
+    return peak_memory_gb()
+
+
+def run(model="MaskDiT-S/2", input_size=32, channels=4, batch=16, precision="auto", ratios=(0.5, 0.0),
+        rounds=5, steps=5, warmup=3, baseline=False, compile="auto", strategy="random", block_size=2,
+        deepspeed=True) -> list[dict]:
+    init_distributed()
+    cfg = bench_config(model, input_size, channels, batch, precision, strategy, block_size)
+    torch.manual_seed(0)
+    runners = engines(cfg, compile) if deepspeed else {}
+    if baseline or not deepspeed:
+        runners["torch"] = TorchBaseline(build_denoiser(cfg.model).to(dist.device()), cfg.optim.lr,
+                                         cfg.engine.precision)
+    size, grid, device = get_size(model), token_grid(cfg.model), dist.device()
+    loss_fn = MaskedEDMLoss(size.patch_size, cfg.model.num_classes, label_dropout=0.1)
+    x = torch.randn(batch, channels, input_size, input_size, device=device)
+    y = torch.randint(0, cfg.model.num_classes, (batch,), device=device)
+    maskers = {r: Masker(strategy, grid, r, block_size) for r in ratios}
+    modes = {(name, r): step_fn(runner, loss_fn, maskers[r], x, y) for name, runner in runners.items() for r in ratios}
+    memory = {mode: peak_memory(lambda fn=fn: time_calls(fn, warmup)) for mode, fn in modes.items()}
+    times = interleave(modes, rounds, steps)
+    rows = []
+    for (name, r), values in times.items():
+        med, kept = statistics.median(values), maskers[r].kept
+        flops = train_flops(size, input_size, channels, kept) * batch / med / 1e12
+        peak, peak_source = device_peak_tflops(cfg.engine.precision, cfg.engine.tf32,
+                                               gemm_shapes(size, input_size, batch, kept))
+        rows.append({"runner": name, "precision": cfg.engine.precision, "mask_ratio": r, "strategy": strategy,
+                     "kept_tokens": kept, "median_step_s": med, "images_per_s": batch / med, "tflops": flops,
+                     "mfu": mfu(flops, peak), "peak_mem_gb": memory[name, r], "peak_source": peak_source,
+                     "steps_timed": len(values),
+                     "flop_ratio_vs_unmasked": train_flops(size, input_size, channels) /
+                     train_flops(size, input_size, channels, kept)})
+    base = next((row for row in rows if row["mask_ratio"] == 0.0), rows[-1])
+    for row in rows:
+        row["speedup_vs_unmasked"] = base["median_step_s"] / row["median_step_s"]
+    return rows
+
+
+def format_rows(rows: list[dict], header: str) -> str:
+    lines = [header, "| runner | mask ratio | kept tokens | median step (s) | images/s | TFLOP/s | MFU | peak mem (GiB) "
+                     "| speed-up vs first r=0 | FLOP ratio 0/r |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        shown = "n/a" if r["mfu"] is None else f"{r['mfu']:.3f}"
+        lines.append(f"| {r['runner']} | {r['mask_ratio']} | {r['kept_tokens']} | {r['median_step_s']:.4f} "
+                     f"| {r['images_per_s']:.1f} | {r['tflops']:.3f} | {shown} | {r['peak_mem_gb']:.2f} "
+                     f"| {r['speedup_vs_unmasked']:.2f}x | {r['flop_ratio_vs_unmasked']:.2f}x |")
+    lines.append(f"(MFU against: {rows[0]['peak_source']}; {rows[0]['steps_timed']} timed steps per mode, "
+                 f"interleaved; mask strategy {rows[0]['strategy']})")
+    return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""What a run shows of its EMA while and after it trains (rank-0 pictures, all-rank sampling):
+
+- sample grids to TensorBoard every train.grid_every steps;
+- in-training FID every eval.fid_every steps: all ranks sample eval.fid_samples images with the EMA (a fixed seed
+  list, so the curve is no noisier than the model), each runs the FID Inception on its own images, and only the
+  pool3 features (N, 2048) travel to rank 0. FID is biased in N: the values compare with each other, not with
+  FID-50K;
+- the final samples (samples.npz/png/json), judged by a digit classifier for the built-in example.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from .. import dist, io
+from ..config import Config
+from ..data import DigitsJudge
+from ..data.transforms import class_grid, image_grid, to_uint8
+from ..data.vae import decode, load_decoder
+from ..diffusion.sampler import sample_seeds
+from ..errors import ConfigError
+from ..evaluation import PT_INCEPTION_SHA256, build_extractor, frechet_distance, gaussian_stats, open_images
+from ..evaluation import load_reference_stats
+from ..generation.run import autocast, run_generate_config, sample_pixels
+from .stats import RunLogger
+
+
+class FIDMonitor:
+    """Built collectively on every rank after the EMA exists; fails on every rank if the setup is wrong."""
+
+    def __init__(self, cfg: Config, device=None, inception_batch: int = 100):
+        e, m = cfg.eval, cfg.model
+        self.every, self.num_samples, self.device = e.fid_every, e.fid_samples, device or dist.device()
+        self.shape = (m.in_channels, m.input_size, m.input_size)  # what the network samples
+        latent = cfg.data.kind.latent
+        self.gen = run_generate_config(cfg, batch_size=64)
+        self.extractor, self.ref = None, None
+        error = None
+        try:
+            if latent and not cfg.data.vae:
+                raise ConfigError("eval.fid_every: a latent model needs data.vae to decode samples for FID")
+            self._check_reference(e.fid_ref, cfg.data.resolution)
+            self.extractor = build_extractor(e.inception_weights, self.device, inception_batch,
+                                             expected_sha256=e.inception_sha256 or PT_INCEPTION_SHA256)
+            if dist.is_main():  # reference statistics are read (or computed from arr_0) once, then kept
+                self.ref = load_reference_stats(e.fid_ref, self.extractor).pool3
+        except (ConfigError, ValueError, FileNotFoundError) as err:
+            error = f"in-training FID: {err}"
+        errors = [x for x in dist.all_gather_objects(error) if x]
+        if errors:
+            raise ConfigError(errors[0])
+
+    @staticmethod
+    def _check_reference(path, resolution: int) -> None:
+        images = open_images(path, role="eval.fid_ref reference")
+        if tuple(images.shape[1:3]) != (resolution, resolution):
+            raise ConfigError(f"eval.fid_ref {path} holds {images.shape[1]}x{images.shape[2]} images, but the model "
+                              f"generates {resolution}x{resolution} (data.resolution); build the reference at "
+                              "that size")
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def seeds(self) -> range:
+        """This rank's seeds: 0..fid_samples-1, strided over ranks."""
+        return range(dist.rank(), self.num_samples, dist.world_size())
+
+    @torch.no_grad()
+    def sample(self, ema) -> np.ndarray:
+        """uint8 (n, H, W, 3) for this rank's seeds, classes uniform from each seed's generator, with guidance."""
+        vae = load_decoder(self.gen.vae, self.device)[0]  # cached: the run's one VAE (None for pixel models)
+        images, _ = sample_pixels(ema, self.seeds(), None, self.shape, self.gen, self.device, vae)
+        return images
+
+    def __call__(self, step: int, ema) -> float | None:
+        """Collective. The FID on rank 0 at due steps; None on other ranks and at other steps."""
+        if not self.due(step):
+            return None
+        was_training = ema.training
+        ema.eval()
+        features = self.extractor.images(self.sample(ema)).pool3  # (n, 2048) float32
+        ema.train(was_training)
+        parts = dist.gather_to_main(features)
+        if not dist.is_main():
+            return None
+        # The symmetric-eigh trace of sqrt(S1 S2): ADM's value to ~1e-8, without scipy sqrtm's ~30 s on a CPU.
+        return float(frechet_distance(gaussian_stats(np.concatenate(parts)), self.ref, "eigh"))
+
+
+# ---------------------------------------------------------------- pictures and final samples
+
+
+@torch.no_grad()
+def log_grid(cfg: Config, ema, logger: RunLogger, step: int) -> None:
+    """EMA samples (one per class, cycling) with guidance, as a TensorBoard image; rank 0 only."""
+    if not dist.is_main():
+        return
+    n, classes = cfg.sample.grid_size, cfg.model.num_classes
+    shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+    with autocast(cfg.sample.precision, dist.device()):
+        images, _ = sample_seeds(ema, list(range(n)), shape, classes, cfg.sample.sampler(), dist.device(),
+                                 class_labels=torch.arange(n) % classes)
+    if cfg.data.kind.latent:
+        images = decode_latents(images, cfg)
+    logger.image("samples/ema", image_grid(to_uint8(images.float())), step)
+
+
+def decode_latents(latents: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Latents -> [-1, 1] images with the configured VAE; without one, show 3 latent channels rescaled."""
+    if not cfg.data.vae:
+        x = latents[:, :3].float()
+        return (x / x.abs().amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)).clamp(-1, 1)
+    images, _ = decode(grid_vae(cfg.data.vae), latents.float(), cfg.data.latent_scale, batch=len(latents))
+    return images
+
+
+def grid_vae(spec: str):
+    """The run's VAE for sample grids (load_decoder caches it, so FID and final samples share it)."""
+    return load_decoder(spec, dist.device())[0]
+
+
+@torch.no_grad()
+def final_samples(cfg: Config, ema, logger: RunLogger) -> None:
+    """Sample cfg.sample.final_samples images with the EMA and guidance, split over ranks by seed, into
+    samples.npz (arr_0 uint8 NHWC, arr_1 labels) and samples.png; the digits example is also judged."""
+    n = cfg.sample.final_samples
+    if n <= 0 or (cfg.data.kind.latent and not cfg.data.vae):
+        return
+    seeds = list(range(n))[dist.rank() :: dist.world_size()]
+    shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+    gcfg = run_generate_config(cfg, batch_size=128)
+    vae = load_decoder(gcfg.vae, dist.device())[0]
+    pixels, labels = sample_pixels(ema, seeds, None, shape, gcfg, dist.device(), vae, progress=dist.is_main())
+    parts = dist.gather_to_main((seeds, pixels, labels))  # pixels go to rank 0 only
+    if not dist.is_main():
+        return
+    order = np.argsort(np.concatenate([p[0] for p in parts]))
+    pixels = np.concatenate([p[1] for p in parts])[order]
+    classes = np.concatenate([p[2] for p in parts])[order]
+    np.savez(cfg.run_dir / "samples.npz", arr_0=pixels, arr_1=classes)
+    from PIL import Image
+
+    Image.fromarray(class_grid(pixels, classes)).save(cfg.run_dir / "samples.png")
+    report = {"num_samples": int(n), "guidance": cfg.sample.guidance, "steps": cfg.sample.steps}
+    if cfg.data.source == "digits":  # the built-in example: a classifier trained on the real digits judges
+        as_float = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+        report["digits_class_agreement"] = DigitsJudge().agreement(as_float, torch.from_numpy(classes))
+    io.atomic_write_text(cfg.run_dir / "samples.json", json.dumps(report, indent=2))
+    logger.message(f"[samples] wrote {cfg.run_dir / 'samples.npz'}: {json.dumps(report)}")

@@ -1,0 +1,236 @@
+"""A throwaway one-node SLURM cluster on localhost (munged, slurmctld, slurmd; state in a temp dir) for the template tests."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from maskdit_ds.dist import free_port
+
+# Only needed for the cluster; NodeName is "localhost" so that it does not depend on this machine's hostname.
+SLURM_CONF = """\
+ClusterName=maskdit-test
+SlurmctldHost=localhost(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={munge_socket},cred_expire=5
+StateSaveLocation={state}/ctld
+SlurmdSpoolDir={state}/spool
+SlurmctldPidFile={state}/slurmctld.pid
+SlurmdPidFile={state}/slurmd.pid
+SlurmctldLogFile={state}/log/slurmctld.log
+SlurmdLogFile={state}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+MpiDefault=none
+ReturnToService=2
+JobCompType=jobcomp/none
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+SlurmctldTimeout=30
+SlurmdTimeout=30
+InactiveLimit=0
+KillWait=30
+MinJobAge=600
+SchedulerParameters=sched_interval=2
+NodeName=localhost NodeAddr=127.0.0.1 {node_hw} State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+class SlurmUnavailable(RuntimeError):
+    """SLURM could not be installed or started here; the tests skip with this message."""
+
+
+def _run(cmd, timeout=60, env=None, check=True, cwd=None) -> subprocess.CompletedProcess:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise SlurmUnavailable(f"{' '.join(map(str, cmd))}: {err}") from err
+    if check and out.returncode != 0:
+        raise SlurmUnavailable(f"{' '.join(map(str, cmd))} exited {out.returncode}: {out.stderr.strip()[-800:]}")
+    return out
+
+
+def ensure_installed() -> None:
+    """apt-get install slurm-wlm and munge when a binary is missing (CI runs as root on Debian/Ubuntu)."""
+    needed = ("sbatch", "slurmctld", "slurmd", "munged", "scontrol")
+    if all(shutil.which(b) or Path("/usr/sbin", b).exists() for b in needed):
+        return
+    if os.geteuid() != 0:
+        raise SlurmUnavailable("slurm-wlm/munge are not installed and installing them needs root")
+    if not shutil.which("apt-get"):
+        raise SlurmUnavailable("slurm-wlm/munge are not installed and there is no apt-get")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    _run(["apt-get", "update", "-q"], timeout=300, env=env)
+    _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "slurm-wlm", "munge"], timeout=600, env=env)
+
+
+def node_hardware() -> str:
+    """The NodeName line's hardware fields as slurmd itself detects them (CPUs, sockets, cores, memory)."""
+    out = _run([_sbin("slurmd"), "-C"], timeout=30).stdout
+    fields = dict(re.findall(r"(\w+)=(\S+)", out.splitlines()[0]))
+    keys = ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore", "RealMemory")
+    missing = [k for k in keys if k not in fields]
+    if missing:
+        raise SlurmUnavailable(f"slurmd -C printed no {missing}: {out.strip()}")
+    return " ".join(f"{k}={fields[k]}" for k in keys)
+
+
+def _sbin(name: str) -> str:
+    return shutil.which(name) or f"/usr/sbin/{name}"
+
+
+def _wait(predicate, timeout: float, what: str, interval: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise SlurmUnavailable(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _pid_from(path: Path):
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) still answers kill(0).
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
+    except OSError:
+        return False
+
+
+class LocalCluster:
+    """munged + slurmctld + slurmd for one node called localhost; everything (sockets, state, logs) under `root`.
+
+    Clients (sbatch, squeue, scontrol, scancel) must run with `env` (it sets SLURM_CONF).
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.conf = self.root / "slurm.conf"
+        self.munge_dir = self.root / "munge"
+        self.pids: dict[str, int] = {}  # daemon name -> pid, only the ones this object started
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    # ------------------------------------------------------------ start
+    def start(self) -> "LocalCluster":
+        for sub in ("ctld", "spool", "log"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._start_munge()
+        self.conf.write_text(SLURM_CONF.format(
+            ctld_port=free_port(), slurmd_port=free_port(), munge_socket=self.munge_dir / "munge.socket",
+            state=self.root, node_hw=node_hardware()))
+        self._daemon("slurmctld", [_sbin("slurmctld"), "-f", str(self.conf)], self.root / "slurmctld.pid")
+        self._daemon("slurmd", [_sbin("slurmd"), "-f", str(self.conf), "-N", "localhost"], self.root / "slurmd.pid")
+        _wait(self._node_idle, 60, "the node to become idle (sinfo)")
+        return self
+
+    def _start_munge(self) -> None:
+        """Our own munged on our own socket, so that a munged started by someone else is never touched."""
+        key = Path("/etc/munge/munge.key")
+        if not key.exists():
+            _run([_sbin("mungekey"), "--create"], timeout=30)
+            shutil.chown(key, "munge", "munge")  # munged runs as the munge user and must read its key
+        self.munge_dir.mkdir(parents=True, exist_ok=True)
+        shutil.chown(self.munge_dir, "munge", "munge")
+        self.munge_dir.chmod(0o755)
+        # munged refuses to run as root without --force; run it as the package's munge user, as the service does.
+        cmd = ["runuser", "-u", "munge", "--", _sbin("munged"), f"--socket={self.munge_dir / 'munge.socket'}",
+               f"--pid-file={self.munge_dir / 'munged.pid'}", f"--log-file={self.munge_dir / 'munged.log'}",
+               f"--seed-file={self.munge_dir / 'munged.seed'}"]
+        self._daemon("munged", cmd, self.munge_dir / "munged.pid")
+
+    def _daemon(self, name: str, cmd: list, pid_file: Path) -> None:
+        """Start a self-daemonizing program and record the pid it writes (the one we will stop later)."""
+        out = _run(cmd, timeout=60, check=False)
+        pid = _wait(lambda: _pid_from(pid_file) if pid_file.exists() else None, 20, f"{name} to write {pid_file}")
+        self.pids[name] = pid
+        if out.returncode != 0 or not _alive(pid):
+            raise SlurmUnavailable(f"{name} did not start (exit {out.returncode}): {out.stderr.strip()[-500:]}\n"
+                                   f"{self.log_tail(name)}")
+
+    def _node_idle(self) -> bool:
+        out = _run(["sinfo", "-h", "-N", "-o", "%T"], timeout=20, env=self.env, check=False)
+        return out.returncode == 0 and out.stdout.strip() == "idle"
+
+    # ------------------------------------------------------------ jobs
+    def sbatch(self, args: list, env: dict, cwd=None) -> int:
+        """Submit from `cwd` (the job's SLURM_SUBMIT_DIR); returns the job id."""
+        out = _run(["sbatch", "--parsable", *args], timeout=30, env={**env, "SLURM_CONF": str(self.conf)}, cwd=cwd)
+        return int(out.stdout.strip().split(";")[0])
+
+    def job(self, job_id: int) -> dict:
+        """`scontrol show job` as a dict (JobState, ExitCode, Restarts, ...); {} once SLURM has forgotten it."""
+        out = _run(["scontrol", "show", "job", "-o", str(job_id)], timeout=20, env=self.env, check=False)
+        return dict(re.findall(r"(\w+)=(\S*)", out.stdout)) if out.returncode == 0 else {}
+
+    def scancel(self, *args) -> None:
+        _run(["scancel", *map(str, args)], timeout=20, env=self.env)
+
+    def log_tail(self, name: str, chars: int = 1500) -> str:
+        path = self.munge_dir / "munged.log" if name == "munged" else self.root / "log" / f"{name}.log"
+        try:
+            return f"--- {path} ---\n" + path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return f"--- {path}: not written ---"
+
+    # ------------------------------------------------------------ stop
+    def stop(self) -> None:
+        """Cancel what is still queued, then stop the daemons we started (newest first) by their pids."""
+        if "slurmctld" in self.pids:
+            _run(["scancel", "--full", "--partition=debug"], timeout=20, env=self.env, check=False)
+            try:
+                _wait(lambda: not _run(["squeue", "-h"], timeout=20, env=self.env, check=False).stdout.strip(),
+                      40, "jobs to end")
+            except SlurmUnavailable:
+                pass
+        for name in ("slurmd", "slurmctld", "munged"):
+            pid = self.pids.pop(name, None)
+            if pid is None or not _alive(pid):
+                continue
+            os.kill(pid, signal.SIGTERM)
+            try:
+                _wait(lambda: not _alive(pid), 20, f"{name} ({pid}) to exit", interval=0.1)
+            except SlurmUnavailable:
+                os.kill(pid, signal.SIGKILL)
+
+
+def start_cluster():
+    """(cluster, None) when up; (None, reason) when SLURM cannot be installed or started here."""
+    root = Path(tempfile.mkdtemp(prefix="maskdit_slurm_"))
+    root.chmod(0o755)  # the munge user must reach its socket directory
+    cluster = LocalCluster(root)
+    try:
+        if os.geteuid() != 0:
+            raise SlurmUnavailable("running slurmctld/slurmd as SlurmUser=root needs root (CI runs as root)")
+        ensure_installed()
+        return cluster.start(), None
+    except SlurmUnavailable as err:
+        logs = "\n".join(cluster.log_tail(n) for n in ("munged", "slurmctld", "slurmd"))
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        return None, f"{err}\n{logs}"

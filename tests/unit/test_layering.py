@@ -1,0 +1,58 @@
+"""Import layering: only engine.py imports deepspeed; model code is pure torch."""
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "maskdit_ds"
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_only_engine_imports_deepspeed():
+    offenders = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                 if p.name != "engine.py" and any(m.split(".")[0] == "deepspeed" for m in imported_modules(p))]
+    assert offenders == []
+
+
+def test_model_code_is_pure_torch():
+    for path in (PACKAGE / "model").rglob("*.py"):
+        text = path.read_text()
+        modules = imported_modules(path)
+        assert not any(m.startswith(("torch.distributed", "deepspeed")) for m in modules), path
+        assert ".module." not in text and "get_rank" not in text, path
+
+
+def collective_calls(path: Path) -> list[str]:
+    """Every way to reach a collective without dist.py: importing torch.distributed or deepspeed.comm (under any
+    alias, or a function from them), or spelling out torch.distributed.* / deepspeed.comm.*."""
+    found = [f"imports {m}" for m in sorted(imported_modules(path))
+             if m.startswith(("torch.distributed", "deepspeed.comm"))]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+                (node.value.id, node.attr) in (("torch", "distributed"), ("deepspeed", "comm")):
+            found.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
+    return found
+
+
+def test_every_collective_goes_through_dist_py():
+    """NCCL refuses CPU tensors: dist.py moves them to the process group's device. A collective called anywhere
+    else (the package or its tools) would bypass that, and crash the first GPU run."""
+    files = [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "tools").glob("*.py")]
+    offenders = {str(p.relative_to(PACKAGE.parent)): calls for p in files if p.name != "dist.py"
+                 for calls in [collective_calls(p)] if calls}
+    assert offenders == {}
+
+
+def test_the_scan_would_catch_a_stray_collective(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import torch\nimport deepspeed\nfrom torch.distributed import all_reduce\n"
+                   "def f(t):\n    torch.distributed.barrier()\n    deepspeed.comm.barrier()\n    torch.gather(t, 0, t)\n")
+    assert collective_calls(bad) == ["imports torch.distributed", "line 5: torch.distributed",
+                                     "line 6: deepspeed.comm"]
