@@ -63,6 +63,7 @@ class DataConfig:
     num_workers: int = 2  # DataLoader workers per rank
     latent_scale: float = 0.18215  # SD VAE scaling applied to each fresh posterior sample
     vae: str = ""  # VAE folder or hub id, only for decoding sample grids of latent models
+    image_source: str = ""  # with a latent cache and loss.align_weight > 0: the source images (default: the cache's)
 
     @property
     def kind(self) -> SourceKind:
@@ -75,6 +76,12 @@ class LossConfig:
     P_std: float = 1.2  # see P_mean
     mae_weight: float = 0.1  # lambda of the MAE term on masked tokens
     label_dropout: float = 0.1  # probability of zeroing a one-hot label (for classifier-free guidance)
+    align_weight: float = 0.0  # lambda of the representation-alignment term (0: off; REPA uses 0.5, docs/method.md §11)
+    align_depth: int = 8  # align the encoder's tokens after this block (1-based; REPA: 8 of SiT-XL/2's 28)
+    align_until_step: int = 0  # align only the run's first N optimizer steps (0: every step; HASTE-style early stop)
+    align_proj_dim: int = 2048  # width of the projector, a 3-layer SiLU MLP from encoder tokens to teacher features
+    align_teacher: str = "facebook/dinov2-base"  # frozen teacher: a local folder or hub id loadable by transformers
+    align_teacher_resolution: int = 224  # images are resized to this for the teacher (DINOv2-B/14: a 16x16 patch grid)
 
 
 @dataclass
@@ -164,6 +171,8 @@ class EvalConfig:
     fid_ref: str = ""  # reference .npz (ADM layout, or made by `tools/eval_fid.py ref`)
     inception_weights: str = ""  # pt_inception-2015-12-05-6726825d.pth
     inception_sha256: str = ""  # expected hash of inception_weights; empty: the official file's hash
+    agreement_every: int = 0  # digits: every N steps the digit classifier judges agreement_samples EMA samples (0: off)
+    agreement_samples: int = 200  # images per in-training class-agreement check (spread over ranks, one seed each)
 
 
 @dataclass
@@ -425,6 +434,7 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, _stage:
            f"mask.strategy: {cfg.mask.strategy!r} is not one of {', '.join(STRATEGIES)}")
     _check(cfg.mask.block_size > 0, f"mask.block_size: {cfg.mask.block_size} must be positive")
     _check(0 <= cfg.loss.label_dropout < 1, f"loss.label_dropout: {cfg.loss.label_dropout} must be in [0, 1)")
+    check_alignment(cfg.loss, m.name, MODELS[m.name])
     for key, value in flatten(cfg.to_dict()).items():
         _check(not isinstance(value, float) or math.isfinite(value) or key in MAY_BE_INFINITE,
                f"{key}: {value} is not a finite number")
@@ -455,6 +465,12 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, _stage:
         for key in ("fid_ref", "inception_weights"):
             _check(bool(getattr(cfg.eval, key)), f"eval.{key}: required when eval.fid_every > 0")
             check_path(f"eval.{key}", getattr(cfg.eval, key))
+    _check(cfg.eval.agreement_every >= 0, f"eval.agreement_every: {cfg.eval.agreement_every} must be >= 0")
+    if cfg.eval.agreement_every:
+        _check(d.source == "digits", "eval.agreement_every: the class-agreement judge knows only the built-in "
+               f"digits (data.source=digits), not data.source={d.source}; use eval.fid_every")
+        _check(cfg.eval.agreement_samples > 0,
+               f"eval.agreement_samples: {cfg.eval.agreement_samples} must be positive")
     stages = stages_of(cfg)
     _check(all(s.steps > 0 for s in stages), "train.steps (or every train.stages[i].steps) must be positive")
     if cfg.train.stages:
@@ -463,9 +479,44 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, _stage:
                 warnings += validate(stage_config(cfg, stage), world_size, check_paths, _stage=True)
             except ConfigError as err:
                 raise ConfigError(f"train.stages[{i}] ({stage.name}): {err}") from None
+        check_stage_alignment(cfg)
     if not _stage:
         warnings += ema_warnings(cfg, sum(s.steps for s in stages))
     return sorted(set(warnings))
+
+
+# The projector's shape and input: one value for the whole run (a stage may change only weight and until_step).
+ALIGN_RUN_KEYS = ("align_depth", "align_proj_dim", "align_teacher", "align_teacher_resolution")
+
+
+def check_alignment(loss: LossConfig, model_name: str, size) -> None:
+    _check(loss.align_weight >= 0, f"loss.align_weight: {loss.align_weight} must be >= 0")
+    _check(loss.align_until_step >= 0, f"loss.align_until_step: {loss.align_until_step} must be >= 0")
+    if loss.align_weight == 0:
+        return
+    # MaskDiT's encoder blocks; U-ViT's trunk blocks (in, middle, out) in the order they run
+    _check(1 <= loss.align_depth <= size.depth, f"loss.align_depth: {loss.align_depth} must be in "
+           f"[1, {size.depth}], the encoder blocks of {model_name}")
+    _check(loss.align_proj_dim > 0, f"loss.align_proj_dim: {loss.align_proj_dim} must be positive")
+    _check(loss.align_teacher_resolution > 0,
+           f"loss.align_teacher_resolution: {loss.align_teacher_resolution} must be positive")
+    _check(bool(loss.align_teacher), "loss.align_teacher: required when loss.align_weight > 0")
+
+
+def check_stage_alignment(cfg: Config) -> None:
+    for i, stage in enumerate(stages_of(cfg)):
+        changed = [f"loss.{k}" for k in ALIGN_RUN_KEYS
+                   if getattr(stage_config(cfg, stage).loss, k) != getattr(cfg.loss, k)]
+        _check(not changed, f"train.stages[{i}] ({stage.name}): {', '.join(changed)} shape the projector and "
+               "must be set for the whole run, not per stage (a stage may set loss.align_weight and "
+               "loss.align_until_step)")
+
+
+def aligns(cfg: Config) -> bool:
+    """Whether any stage of the run trains with the alignment term: then the trained module carries the
+    projector in every stage (kept, with a zero term, where a stage or align_until_step switches it off)."""
+    return any(stage_config(cfg, s).loss.align_weight > 0 for s in stages_of(cfg)) if cfg.train.stages \
+        else cfg.loss.align_weight > 0
 
 
 # What a resume must not change: the model, the data it learns from, its randomness and its objective. A

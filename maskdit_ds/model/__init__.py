@@ -4,8 +4,8 @@ import torch.nn as nn
 from .export import export, export_state, find_export, load_pretrained, read_export_config
 from .flops import forward_flops, gemm_shapes, train_flops
 from .layers import DiTBlock
-from .masking import STRATEGIES, Masker, MaskRecord, kept_tokens, make_mask, num_kept
 from .maskdit import MaskDiT
+from .masking import STRATEGIES, Masker, MaskRecord, kept_tokens, make_mask, num_kept
 from .precond import EDMPrecond
 from .registry import MODELS, ModelSize, get_size
 from .uvit import UViT, UViTBlock

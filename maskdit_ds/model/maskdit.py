@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import (DiTBlock, FixedSinCos, LabelEmbedder, ModulatedLinear, PatchEmbed, TimestepEmbedder,
-                     unpatchify)
+from .align import Tap
+from .layers import DiTBlock, FixedSinCos, LabelEmbedder, ModulatedLinear, PatchEmbed, TimestepEmbedder, unpatchify
 from .masking import MaskRecord, gather_tokens
 from .registry import ModelSize
 
@@ -57,15 +57,17 @@ class MaskDiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x, c_noise, y_onehot, record: MaskRecord | None = None) -> torch.Tensor:
+    def forward(self, x, c_noise, y_onehot, record: MaskRecord | None = None, tap: Tap | None = None) -> torch.Tensor:
         """x (N, C, H, W), c_noise (N,), y_onehot (N, classes), record: the training mask (None: all tokens)
-        -> (N, C, H, W)."""
+        -> (N, C, H, W). tap: receives the encoder tokens after block tap.depth (representation alignment)."""
         tokens = self.pos_embed(self.x_embedder(x))  # (N, L, D)
         c = self.t_embedder(c_noise) + self.y_embedder(y_onehot.to(tokens.dtype))  # (N, D)
         if record is not None:
             tokens = gather_tokens(tokens, record.ids_keep)  # (N, L_keep, D): dropped tokens never enter
-        for block in self.blocks:
+        for depth, block in enumerate(self.blocks, start=1):
             tokens = block(tokens, c)
+            if tap is not None and depth == tap.depth:
+                tap.tokens = tokens  # (N, L_keep, D)
         tokens = self.decoder_layer(tokens, c)  # (N, L_keep, Dd)
         if record is not None:
             fill = self.mask_token.to(tokens.dtype).expand(tokens.shape[0], self.num_tokens - record.num_keep, -1)

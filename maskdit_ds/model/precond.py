@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .align import Tap
 from .masking import MaskRecord
 
 
@@ -32,9 +33,10 @@ class EDMPrecond(nn.Module):
             return F.one_hot(class_labels.long(), self.num_classes).float()
         return class_labels.float()
 
-    def forward(self, x, sigma, class_labels=None, record: MaskRecord | None = None) -> torch.Tensor:
+    def forward(self, x, sigma, class_labels=None, record: MaskRecord | None = None, tap: Tap | None = None
+                ) -> torch.Tensor:
         """x (N, C, H, W) at noise level sigma (scalar or (N,)) -> the denoised estimate D, float32 (N, C, H, W).
-        record: the training mask the trunk applies (None: every token)."""
+        record: the training mask the trunk applies (None: every token); tap: see model/align.py."""
         x = x.float()
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
         sigma = sigma.expand(x.shape[0], 1, 1, 1)  # per-sample sigma, (N, 1, 1, 1)
@@ -45,7 +47,7 @@ class EDMPrecond(nn.Module):
         c_noise = sigma.log().flatten() / 4
         trunk_dtype = next(self.model.parameters()).dtype
         y = self.onehot(class_labels, x.shape[0], x.device)
-        out = self.model((c_in * x).to(trunk_dtype), c_noise, y, record)
+        out = self.model((c_in * x).to(trunk_dtype), c_noise, y, record, tap)
         return c_skip * x + c_out * out.float()
 
     def guided(self, x, sigma, class_labels, guidance: float = 1.0):

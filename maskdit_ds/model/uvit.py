@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .align import Tap
 from .layers import Attention, FixedSinCos, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, unpatchify
 from .masking import MaskRecord, gather_tokens
 from .registry import ModelSize
@@ -96,19 +97,28 @@ class UViT(nn.Module):
         nn.init.zeros_(self.final_layer.weight)
         nn.init.zeros_(self.final_layer.bias)
 
-    def trunk(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(N, T, D) -> (N, T, D): shallow blocks, middle, deep blocks each fed its mirror's output."""
-        skips = []
+    def trunk(self, tokens: torch.Tensor, tap: Tap | None = None) -> torch.Tensor:
+        """(N, T, D) -> (N, T, D): shallow blocks, middle, deep blocks each fed its mirror's output. tap: receives
+        the patch tokens (N, T - 2, D) after trunk block tap.depth, counted in the order the blocks run."""
+        skips, depth = [], 0
+
+        def tapped(x):
+            nonlocal depth
+            depth += 1
+            if tap is not None and depth == tap.depth:
+                tap.tokens = x[:, EXTRA_TOKENS:]
+            return x
+
         for block in self.in_blocks:
-            tokens = block(tokens)
+            tokens = tapped(block(tokens))
             skips.append(tokens)
         for block in self.mid_blocks:
-            tokens = block(tokens)
+            tokens = tapped(block(tokens))
         for block in self.out_blocks:
-            tokens = block(tokens, skips.pop())
+            tokens = tapped(block(tokens, skips.pop()))
         return self.norm(tokens)
 
-    def forward(self, x, c_noise, y_onehot, record: MaskRecord | None = None) -> torch.Tensor:
+    def forward(self, x, c_noise, y_onehot, record: MaskRecord | None = None, tap: Tap | None = None) -> torch.Tensor:
         """x (N, C, H, W), c_noise (N,), y_onehot (N, classes), record: the training mask (None: all tokens)
         -> (N, C, H, W)."""
         n = x.shape[0]
@@ -118,7 +128,7 @@ class UViT(nn.Module):
         extras = torch.stack([t_tok, y_tok], dim=1) + self.extras_embed.to(patches.dtype)  # (N, 2, D)
         if record is not None:
             patches = gather_tokens(patches, record.ids_keep)  # (N, L_keep, D): dropped tokens never enter
-        tokens = self.decoder_embed(self.trunk(torch.cat([extras, patches], dim=1)))  # (N, 2 + L_keep, Dd)
+        tokens = self.decoder_embed(self.trunk(torch.cat([extras, patches], dim=1), tap))  # (N, 2 + L_keep, Dd)
         extras, patches = tokens[:, :EXTRA_TOKENS], tokens[:, EXTRA_TOKENS:]
         if record is not None:
             fill = self.mask_token.to(patches.dtype).expand(n, self.num_tokens - record.num_keep, -1)
