@@ -48,9 +48,15 @@ def _images(data_cfg, model_cfg):
 BUILDERS = {"digits": _digits, "latents": _latents, "images": _images, "hf": _images}  # config.DATA_SOURCES
 
 
-def build_dataset(data_cfg, model_cfg, seed: int = 0) -> Dataset:
-    """A map-style dataset of {"x", "y"} for the configured source, checked against the model config."""
+def build_dataset(data_cfg, model_cfg, seed: int = 0, images_at: int = 0) -> Dataset:
+    """A map-style dataset of {"x", "y"} for the configured source, checked against the model config.
+    images_at > 0 (an aligned run on latents): items also carry "image", the source image as uint8 at that
+    resolution (pixel sources need none: their "x" is the image)."""
     ds, labels = BUILDERS[data_cfg.source](data_cfg, model_cfg)
+    if images_at and data_cfg.kind.latent:
+        from .source_images import LatentsWithImages
+
+        ds = LatentsWithImages(ds, images_at, data_cfg.image_source)
     channels = model_cfg.in_channels * (2 if data_cfg.kind.latent else 1)  # caches hold mean + logvar
     expected = (channels, model_cfg.input_size, model_cfg.input_size)
     if tuple(ds[0]["x"].shape) != expected:
@@ -58,6 +64,11 @@ def build_dataset(data_cfg, model_cfg, seed: int = 0) -> Dataset:
                          f"{model_cfg.name} with in_channels={model_cfg.in_channels} and input_size="
                          f"{model_cfg.input_size} expects {expected}")
     return select(ds, labels, list(data_cfg.classes), data_cfg.fraction, seed)
+
+
+def teacher_input(batch: dict, x: torch.Tensor) -> torch.Tensor:
+    """What the alignment teacher sees: the served source image beside a latent, else the pixel input itself."""
+    return batch["image"] if "image" in batch else x
 
 
 def to_model_input(x: torch.Tensor, data_cfg) -> torch.Tensor:
@@ -79,4 +90,4 @@ __all__ = ["LatentCache", "encode_to_cache", "sample_latent", "RefusedPickle", "
            "BadImage", "HFImageSource", "ImageDataset", "ImageFolderSource", "open_source", "adm_center_crop",
            "encode_moments", "load_vae",
            "DigitsDataset", "DigitsJudge", "ResumableLoader", "ResumableSampler", "build_dataset", "to_model_input",
-           "select"]
+           "select", "teacher_input"]

