@@ -12,6 +12,7 @@ Weights: pt_inception-2015-12-05-6726825d.pth (95,628,359 bytes, sha256 6726825d
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 import torch
@@ -66,6 +67,19 @@ def extractor_from(args):
     return build_extractor(weights, args.device, args.batch_size, expected_sha256=expected)
 
 
+def training_record(samples: str) -> dict:
+    """{"training": {run, step, images_seen, device_hours}} from the samples.json that `sample` wrote beside the
+    .npz, so that a metrics file says what the model cost to train; {} for samples from elsewhere."""
+    beside = Path(samples).with_suffix(".json")
+    if not beside.is_file():
+        return {}
+    try:
+        record = json.loads(beside.read_text()).get("training")
+    except (ValueError, AttributeError):
+        return {}
+    return {"training": record} if isinstance(record, dict) else {}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["ref"]:
@@ -79,7 +93,10 @@ def main(argv=None):
     metrics = evaluate_npz(args.samples, args.ref, extractor, args.num_samples, args.cache_dir,
                            use_cache=not args.no_cache, pr_mode=args.pr_distance, fid_method=args.fid_method,
                            progress=not args.no_progress)
+    metrics.update(training_record(args.samples))
     print(format_report(metrics))
+    if "training" in metrics:
+        print(f"trained: {json.dumps(metrics['training'])}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(metrics, f, indent=2)

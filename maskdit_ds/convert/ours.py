@@ -9,6 +9,7 @@ import yaml
 from safetensors.torch import load_file
 
 from ..config import ModelConfig
+from ..model.align import denoiser_state
 from .common import ConversionError, check_state, expected_shapes, model_config_from, report, write_export
 
 
@@ -44,6 +45,7 @@ def convert_zero(tag_dir: Path, out: Path, weights: str = "ema") -> list[Path]:
     manifest = json.loads((tag_dir / ckpt.MANIFEST).read_text())
     rank0 = ckpt.load_rank_state(tag_dir, 0)["train"]
     meta = {"step": manifest.get("step", rank0["step"]), "images_seen": rank0.get("images_seen", 0),
+            "device_hours": rank0.get("device_hours", 0.0),
             "source": {"kind": "zero", "tag": str(tag_dir.resolve()), "world_size": manifest.get("world_size")}}
     kinds = ["ema", "model"] if weights == "both" else [weights]
     written = []
@@ -51,7 +53,7 @@ def convert_zero(tag_dir: Path, out: Path, weights: str = "ema") -> list[Path]:
         if kind == "ema":
             state = load_file(str(tag_dir / "ema.safetensors"))
         else:
-            state = consolidated_fp32_state(tag_dir)
+            state = denoiser_state(consolidated_fp32_state(tag_dir))  # an aligned run's projector is dropped
         check_state(state, expected, f"{tag_dir} ({kind} weights)")
         folder = Path(out) / kind if weights == "both" else Path(out)
         write_export(folder, state, model_cfg, {**meta, "weights": kind})

@@ -118,6 +118,8 @@ def settings_record(gcfg: GenerateConfig, folder: Path, export_cfg: dict) -> dic
         "class_mode": gcfg.class_mode, "chunk_size": gcfg.chunk_size, "precision": gcfg.sampler.precision,
         "solver_dtype": "float64", "rounding": gcfg.rounding, "vae": gcfg.vae or None,
         "latent_scale": gcfg.latent_scale if gcfg.vae else None, "sampler": sampler,
+        # what the model cost to train (quality against compute: `python -m maskdit_ds report`)
+        "training": {k: export_cfg.get(k) for k in ("run", "step", "images_seen", "device_hours")},
     }
 
 

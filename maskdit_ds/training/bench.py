@@ -1,6 +1,7 @@
 """Training-step benchmark: mask ratios (and strategies) side by side on the real DeepSpeed engine, eager and/or
 compiled, optionally against a plain-PyTorch baseline (same network and loss, torch AdamW, autocast; no
-DeepSpeed), all interleaved in one run (maskdit_ds.timing). One process, one device.
+DeepSpeed), and optionally with representation alignment (teacher forward + projector), all interleaved in one
+run (maskdit_ds.timing). One process, one device. MFU counts the trunk's FLOPs only; images/s includes everything.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from ..config import load_config, resolve_auto
 from ..diffusion import MaskedEDMLoss
 from ..hardware import DTYPES, device_peak_tflops
 from ..model import Masker, build_denoiser, gemm_shapes, get_size, token_grid, train_flops
+from ..model.align import AlignedDenoiser
+from ..model.teacher import load_teacher, teacher_dtype
 from ..timing import interleave, time_calls
 from .engine import Engine, compile_enabled, init_distributed
 from .stats import mfu, peak_memory_gb
@@ -53,24 +56,55 @@ class TorchBaseline:
         self.opt.zero_grad(set_to_none=True)
 
 
-def engines(cfg, compile: str) -> dict:
-    """DeepSpeed runners by name: eager, compiled (engine.compile=true), or both to interleave them."""
+def engines(cfg, compile: str, build) -> dict:
+    """DeepSpeed runners by name: eager, compiled (engine.compile=true), or both to interleave them. build() makes
+    each a fresh network."""
     chosen = {"both": ("false", "true"), "on": ("true",), "off": ("false",), "auto": (cfg.engine.compile,)}[compile]
     out = {}
     for choice in chosen:
         cfg.engine.compile = choice
         name = "deepspeed+compile" if compile_enabled(choice) else "deepspeed"
-        out[name] = Engine(build_denoiser(cfg.model).to(dist.device()), cfg, world_size=1)
+        out[name] = Engine(build().to(dist.device()), cfg, world_size=1)
     return out
 
 
-def step_fn(runner, loss_fn: MaskedEDMLoss, masker: Masker, x: torch.Tensor, y: torch.Tensor):
-    """One training step (forward, backward, optimizer) of `runner` on a fixed batch."""
+def runners_for(cfg, compile: str, baseline: bool, deepspeed: bool, build) -> dict:
+    runners = engines(cfg, compile, build) if deepspeed else {}
+    if baseline or not deepspeed:
+        runners["torch"] = TorchBaseline(build().to(dist.device()), cfg.optim.lr, cfg.engine.precision)
+    return runners
+
+
+def step_fn(runner, loss_fn: MaskedEDMLoss, masker: Masker, x: torch.Tensor, y: torch.Tensor, teacher=None,
+            images: torch.Tensor | None = None):
+    """One training step (forward, backward, optimizer) of `runner` on a fixed batch; with a teacher, its forward
+    on `images` is part of the step, as in training."""
     def step() -> None:
-        loss, _ = loss_fn(runner, x, y, masker)
+        target = None if teacher is None else teacher(images)
+        loss, _ = loss_fn(runner, x, y, masker, target)
         runner.backward(loss.mean())
         runner.step()
     return step
+
+
+def alignment_modes(cfg, align: dict, compile: str, baseline: bool, deepspeed: bool, maskers: dict, x, y) -> dict:
+    """The same runners training AlignedDenoisers (REPA's projector) with the teacher's forward in every step."""
+    device, grid = dist.device(), token_grid(cfg.model)
+    teacher = load_teacher(align["teacher"], align["resolution"], grid, device, teacher_dtype(device))
+    size = get_size(cfg.model.name)
+    loss_fn = MaskedEDMLoss(size.patch_size, cfg.model.num_classes, label_dropout=0.1, aligned=True,
+                            align_weight=0.5)
+    # the clean images the loader serves beside latents: uint8 at the teacher's resolution (pixel runs: x itself)
+    images = x if x.shape[1] in (1, 3) else torch.randint(0, 256, (len(x), 3, align["resolution"],
+                                                                   align["resolution"]), device=device,
+                                                          dtype=torch.uint8)
+
+    def build():
+        return AlignedDenoiser(build_denoiser(cfg.model), align["depth"], align["proj_dim"], teacher.dim)
+
+    runners = runners_for(cfg, compile, baseline, deepspeed, build)
+    return {(f"{name}+align", r): step_fn(runner, loss_fn, maskers[r], x, y, teacher, images)
+            for name, runner in runners.items() for r in maskers}
 
 
 def peak_memory(fn) -> float:
@@ -84,20 +118,20 @@ def peak_memory(fn) -> float:
 
 def run(model="MaskDiT-S/2", input_size=32, channels=4, batch=16, precision="auto", ratios=(0.5, 0.0),
         rounds=5, steps=5, warmup=3, baseline=False, compile="auto", strategy="random", block_size=2,
-        deepspeed=True) -> list[dict]:
+        deepspeed=True, align: dict | None = None) -> list[dict]:
+    """align: {"teacher", "resolution", "depth", "proj_dim"} adds every runner again with alignment."""
     init_distributed()
     cfg = bench_config(model, input_size, channels, batch, precision, strategy, block_size)
     torch.manual_seed(0)
-    runners = engines(cfg, compile) if deepspeed else {}
-    if baseline or not deepspeed:
-        runners["torch"] = TorchBaseline(build_denoiser(cfg.model).to(dist.device()), cfg.optim.lr,
-                                         cfg.engine.precision)
+    runners = runners_for(cfg, compile, baseline, deepspeed, lambda: build_denoiser(cfg.model))
     size, grid, device = get_size(model), token_grid(cfg.model), dist.device()
     loss_fn = MaskedEDMLoss(size.patch_size, cfg.model.num_classes, label_dropout=0.1)
     x = torch.randn(batch, channels, input_size, input_size, device=device)
     y = torch.randint(0, cfg.model.num_classes, (batch,), device=device)
     maskers = {r: Masker(strategy, grid, r, block_size) for r in ratios}
     modes = {(name, r): step_fn(runner, loss_fn, maskers[r], x, y) for name, runner in runners.items() for r in ratios}
+    if align:
+        modes.update(alignment_modes(cfg, align, compile, baseline, deepspeed, maskers, x, y))
     memory = {mode: peak_memory(lambda fn=fn: time_calls(fn, warmup)) for mode, fn in modes.items()}
     times = interleave(modes, rounds, steps)
     rows = []
@@ -113,19 +147,25 @@ def run(model="MaskDiT-S/2", input_size=32, channels=4, batch=16, precision="aut
                      "flop_ratio_vs_unmasked": train_flops(size, input_size, channels) /
                      train_flops(size, input_size, channels, kept)})
     base = next((row for row in rows if row["mask_ratio"] == 0.0), rows[-1])
+    by_mode = {(row["runner"], row["mask_ratio"]): row for row in rows}
     for row in rows:
         row["speedup_vs_unmasked"] = base["median_step_s"] / row["median_step_s"]
+        plain = by_mode.get((row["runner"].removesuffix("+align"), row["mask_ratio"]))
+        row["align_overhead"] = row["median_step_s"] / plain["median_step_s"] if plain else 1.0
     return rows
 
 
 def format_rows(rows: list[dict], header: str) -> str:
     lines = [header, "| runner | mask ratio | kept tokens | median step (s) | images/s | TFLOP/s | MFU | peak mem (GiB) "
-                     "| speed-up vs first r=0 | FLOP ratio 0/r |", "|---|---|---|---|---|---|---|---|---|---|"]
+                     "| speed-up vs first r=0 | FLOP ratio 0/r | step time vs unaligned |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         shown = "n/a" if r["mfu"] is None else f"{r['mfu']:.3f}"
         lines.append(f"| {r['runner']} | {r['mask_ratio']} | {r['kept_tokens']} | {r['median_step_s']:.4f} "
                      f"| {r['images_per_s']:.1f} | {r['tflops']:.3f} | {shown} | {r['peak_mem_gb']:.2f} "
-                     f"| {r['speedup_vs_unmasked']:.2f}x | {r['flop_ratio_vs_unmasked']:.2f}x |")
-    lines.append(f"(MFU against: {rows[0]['peak_source']}; {rows[0]['steps_timed']} timed steps per mode, "
-                 f"interleaved; mask strategy {rows[0]['strategy']})")
+                     f"| {r['speedup_vs_unmasked']:.2f}x | {r['flop_ratio_vs_unmasked']:.2f}x "
+                     f"| {r['align_overhead']:.2f}x |")
+    lines.append(f"(MFU against: {rows[0]['peak_source']}, trunk FLOPs only; {rows[0]['steps_timed']} timed steps "
+                 f"per mode, interleaved; mask strategy {rows[0]['strategy']}; +align: teacher forward and projector "
+                 "in the step)")
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from .. import dist, io
 from ..config import Config, resume_changes, save_config
 from ..errors import ConfigError
 from ..io import sha256_file
+from ..model.align import denoiser_state
 from ..model.export import EXPORT_WEIGHTS, export, find_export, list_exports, read_export_config
 from .engine import consolidated_fp32_state, unsafe_file
 from .state import TrainState, rng_state
@@ -162,8 +163,8 @@ def save_checkpoint(cfg: Config, engine, ema, state: TrainState, loader, say=pri
         if dist.is_main():
             io.atomic_save_safetensors(ema.state_dict(), tag_dir / EMA_FILE)
             save_config(cfg, tag_dir / "config.yaml")  # what this tag was trained with: resume compares to it
-            meta = {"step": state.step, "images_seen": state.images_seen, "run": cfg.run.name,
-                    "lineage": lineage(cfg)}
+            meta = {"step": state.step, "images_seen": state.images_seen,
+                    "device_hours": round(state.device_hours, 6), "run": cfg.run.name, "lineage": lineage(cfg)}
             export(cfg.run_dir / "export" / tag, ema, cfg.model, meta)
         dist.barrier()
         if dist.is_main():
@@ -259,14 +260,16 @@ def init_from(path: Path, net, ema, state: TrainState, reset_ema: bool, say=prin
         problem = check_tag(path, verify_hashes=True, verify_loads=unsafe_file)
         if problem:
             raise ConfigError(f"train.init_from: {path} is not a usable checkpoint: {problem}")
-        weights = consolidated_fp32_state(path)
+        weights = denoiser_state(consolidated_fp32_state(path))  # an aligned run's projector is not carried over
         ema_weights = load_file(str(path / EMA_FILE))
         prior = load_rank_state(path, 0)["train"]
     else:
         folder = find_export(path)
         weights = ema_weights = load_file(str(folder / EXPORT_WEIGHTS))
-        prior = {"step": read_export_config(folder).get("step", 0), "images_seen": 0}
+        prior = read_export_config(folder)
     net.load_state_dict(weights)
     ema.load_state_dict(weights if reset_ema else ema_weights)
-    state.step, state.images_seen = int(prior["step"]), int(prior.get("images_seen", 0))
+    # the lineage's cost continues: quality against device-hours counts the run it started from
+    state.step, state.images_seen = int(prior.get("step", 0)), int(prior.get("images_seen", 0))
+    state.device_hours = float(prior.get("device_hours", 0.0))
     return {"checkpoint": str(path), "step": state.step, "ema": "reset" if reset_ema else "continued"}

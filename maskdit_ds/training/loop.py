@@ -3,7 +3,8 @@
 Every rank runs train(cfg):
   1. the plan: auto precision, validation, the run-directory lock, where to start, config.yaml   (plan.py)
   2. the data                                                                                     (data/)
-  3. the model, its fp32 EMA, and the starting point: a resume, train.init_from, or fresh         (checkpoint.py)
+  3. the model (with REPA's projector when the run aligns, and the frozen teacher), its fp32 EMA, and the
+     starting point: a resume, train.init_from, or fresh                                          (checkpoint.py)
   4. the stages: a new DeepSpeed engine at each boundary (precision, optimizer and lr may change; EMA, step
      count and data position continue), each driving the step loop run_stage()
   5. samples from the EMA                                                                         (previews.py)
@@ -20,20 +21,22 @@ import torch
 from safetensors.torch import load_file
 
 from .. import dist, io
-from ..config import Config, DataConfig, LossConfig, ModelConfig, grad_accum, stages_of
-from ..data import ResumableLoader, build_dataset, to_model_input
+from ..config import Config, DataConfig, LossConfig, ModelConfig, aligns, grad_accum, stages_of
+from ..data import ResumableLoader, build_dataset, teacher_input, to_model_input
 from ..diffusion import MaskedEDMLoss, ema_update, mask_ratio_at
 from ..errors import EXIT_PREEMPTED, TrainingError
 from ..hardware import device_peak_tflops
 from ..model import Masker, build_denoiser, gemm_shapes, get_size, kept_tokens, token_grid, train_flops
+from ..model.align import AlignedDenoiser, denoiser_of
+from ..model.teacher import Teacher, load_teacher, teacher_dtype
 from . import checkpoint as ckpt
 from .engine import Engine, consolidated_fp32_state, init_distributed
 from .lifecycle import StopRequest
 from .plan import decide_start, lock_run_dir, prepare, stage_configs
-from .previews import FIDMonitor, final_samples, log_grid
+from .previews import AgreementMonitor, FIDMonitor, final_samples, log_grid
 from .reshard import resume_source
 from .state import TrainState, seed_everything, set_rng_state
-from .stats import RunLogger, Throughput
+from .stats import DeviceClock, RunLogger, Throughput
 
 
 def train(cfg: Config) -> int:
@@ -51,12 +54,14 @@ def train_locked(cfg: Config) -> int:
     resume = decide_start(cfg, dist.world_size())
     seed_everything(cfg.run.seed + dist.rank())  # different masks, noise and label dropout per rank
 
-    # 2. Data.
-    dataset = build_dataset(cfg.data, cfg.model, cfg.run.seed)
+    # 2. Data (with the source images beside latents when the teacher needs them).
+    teacher = build_teacher(cfg) if aligns(cfg) else None
+    images_at = cfg.loss.align_teacher_resolution if teacher is not None else 0
+    dataset = build_dataset(cfg.data, cfg.model, cfg.run.seed, images_at=images_at)
 
-    # 3. Model, EMA (fp32), and where we start from.
-    net = build_denoiser(cfg.model)
-    ema = copy.deepcopy(net).to(dist.device()).eval().requires_grad_(False)
+    # 3. Model, EMA (fp32, the denoiser alone), and where we start from.
+    net = build_module(cfg, teacher)
+    ema = copy.deepcopy(denoiser_of(net)).to(dist.device()).eval().requires_grad_(False)
     start = starting_point(cfg, resume, net, ema)
 
     # 4. Stages.
@@ -65,22 +70,54 @@ def train_locked(cfg: Config) -> int:
     logger = RunLogger(cfg.run_dir, dist.is_main(), total_steps=total, start_step=state.step)
     try:  # the progress bar closes (ends its line) however the run ends
         # the FID monitor fails on every rank, before training, if its weights or reference are wrong
-        run = Run(ema, state, logger, StopRequest(say=dist.print0), FIDMonitor(cfg) if cfg.eval.fid_every else None)
+        run = Run(ema, state, logger, StopRequest(say=dist.print0), build_monitors(cfg), teacher,
+                  DeviceClock(dist.world_size()))
         for index in range(state.stage, len(stages)):
             stage = build_stage(stage_configs(cfg)[index], stages[index], index, dataset, start, logger.message)
             code = run_stage(stage, run)
             if code is not None:
                 return code
-            start.net, start.data_state = hand_over(stage)
+            start.net, start.data_state = hand_over(stage, teacher)
             if index + 1 < len(stages):
                 state.stage, state.stage_step = index + 1, 0
 
         # 5. Samples from the EMA.
-        final_samples(cfg, ema, logger)
+        final_samples(cfg, ema, logger, state)
         run.stop.exiting()  # the run is complete: a late SLURM signal must not turn exit 0 into 143
         return 0
     finally:
         logger.close()
+
+
+def build_teacher(cfg: Config) -> Teacher:
+    """The frozen alignment teacher on this rank's device (half precision on GPUs), its features pooled to the
+    denoiser's token grid."""
+    device = dist.device()
+    teacher = load_teacher(cfg.loss.align_teacher, cfg.loss.align_teacher_resolution, token_grid(cfg.model), device,
+                           teacher_dtype(device))
+    dist.print0(f"[align] teacher {cfg.loss.align_teacher}: {teacher.dim}-d patch features at "
+                f"{teacher.resolution} px ({teacher.patch_grid}x{teacher.patch_grid} patches -> the "
+                f"{teacher.grid}x{teacher.grid} token grid), {next(teacher.parameters()).dtype}, frozen")
+    return teacher
+
+
+def build_module(cfg: Config, teacher: Teacher | None) -> torch.nn.Module:
+    """What the engine trains: the denoiser, plus REPA's projector when the run aligns."""
+    net = build_denoiser(cfg.model)
+    if teacher is None:
+        return net
+    return AlignedDenoiser(net, cfg.loss.align_depth, cfg.loss.align_proj_dim, teacher.dim)
+
+
+def build_monitors(cfg: Config) -> dict:
+    """The in-training quality checks, by the stats key they log. The FID monitor fails on every rank, before
+    training, if its weights or reference are wrong."""
+    monitors = {}
+    if cfg.eval.fid_every:
+        monitors["fid"] = FIDMonitor(cfg)
+    if cfg.eval.agreement_every:
+        monitors["digits_class_agreement"] = AgreementMonitor(cfg)
+    return monitors
 
 
 # ---------------------------------------------------------------- where the stages pick up
@@ -115,7 +152,8 @@ def starting_point(cfg: Config, resume: str | None, net, ema) -> Start:
         if start.state.stage_step >= stages_of(cfg)[start.state.stage].steps:
             skip_finished_stage(cfg, start, tag_dir)
     elif cfg.train.init_from:
-        record = ckpt.init_from(Path(cfg.train.init_from), net, ema, start.state, cfg.train.reset_ema, dist.print0)
+        record = ckpt.init_from(Path(cfg.train.init_from), denoiser_of(net), ema, start.state, cfg.train.reset_ema,
+                                dist.print0)
         if dist.is_main():
             io.atomic_write_text(cfg.run_dir / "lineage.json", json.dumps({**ckpt.lineage(cfg), **record}, indent=2))
         dist.print0(f"[init] {record}")
@@ -156,7 +194,9 @@ class Run:
     state: TrainState
     logger: RunLogger
     stop: StopRequest
-    fid: FIDMonitor | None
+    monitors: dict  # stats key -> in-training quality check (FIDMonitor, AgreementMonitor)
+    teacher: Teacher | None
+    clock: DeviceClock
 
 
 def build_stage(cfg: Config, plan, index: int, dataset, start: Start, say) -> Stage:
@@ -176,12 +216,12 @@ def build_stage(cfg: Config, plan, index: int, dataset, start: Start, say) -> St
     return Stage(cfg, index, plan.name, plan.steps, engine, loader)
 
 
-def hand_over(stage: Stage) -> tuple[torch.nn.Module, dict]:
+def hand_over(stage: Stage, teacher: Teacher | None) -> tuple[torch.nn.Module, dict]:
     """The fp32 masters in a fresh network for the next stage's engine, and the data position."""
     weights = stage.engine.full_fp32_state()
     stage.engine.release()
     with torch.random.fork_rng(devices=[]):  # its random init is overwritten; a resume at this boundary
-        net = build_denoiser(stage.cfg.model)  # skips it, so it must not move the RNG
+        net = build_module(stage.cfg, teacher)  # skips it, so it must not move the RNG
     net.load_state_dict(weights)
     return net, stage.loader.state_dict()
 
@@ -189,7 +229,7 @@ def hand_over(stage: Stage) -> tuple[torch.nn.Module, dict]:
 def run_stage(stage: Stage, run: Run) -> int | None:
     """Train until the stage has its steps. Returns EXIT_PREEMPTED if stopped by a signal or the launcher."""
     cfg, state, engine = stage.cfg, run.state, stage.engine
-    loss_fn = build_loss(cfg.model, cfg.loss)
+    loss_fn = build_loss(cfg.model, cfg.loss, aligned=run.teacher is not None)
     meter = build_meter(cfg)
     health = Health(cfg.engine.precision, cfg.run_dir / "checkpoints")
     sums, streak, batches = new_sums(), 0, iter(stage.loader)
@@ -198,8 +238,9 @@ def run_stage(stage: Stage, run: Run) -> int | None:
     while state.stage_step < stage.steps:
         ratio = mask_ratio_at(cfg.mask.ratio, cfg.mask.schedule, state.stage_step / stage.steps, cfg.mask.power)
         masker = Masker(cfg.mask.strategy, token_grid(cfg.model), ratio, cfg.mask.block_size)
+        teacher = run.teacher if aligning(cfg.loss, state.step) else None
         skipped_before = engine.skipped_steps
-        nonfinite = train_step(engine, batches, loss_fn, masker, cfg.data, accum, sums)
+        nonfinite = train_step(engine, batches, loss_fn, masker, teacher, cfg.data, accum, sums)
         health.push(state.step + 1, nonfinite, run.stop.requested)
         state.step, state.stage_step = state.step + 1, state.stage_step + 1
         state.images_seen += cfg.train.global_batch
@@ -208,22 +249,21 @@ def run_stage(stage: Stage, run: Run) -> int | None:
             streak += 1
         else:
             streak = 0
-            ema_update(run.ema, engine.module, cfg.train.ema_decay)
+            ema_update(run.ema, denoiser_of(engine.module), cfg.train.ema_decay)
         if streak >= cfg.train.max_skipped_streak:
             raise TrainingError(f"step {state.step}: {streak} consecutive fp16 steps overflowed (loss scale "
                                 f"{engine.loss_scale:g}); the run diverged. Lower optim.lr or use bf16/fp32.")
 
         last = state.stage_step == stage.steps
+        run.clock.charge(state)
         if state.step % cfg.train.log_every == 0 or last:
             health.flush()
             log_window(engine, state, sums, ratio, meter, run.logger, stage.loader.epoch)
             sums = new_sums()
-        if cfg.train.grid_every and state.step % cfg.train.grid_every == 0:
-            log_grid(cfg, run.ema, run.logger, state.step)
-        if run.fid is not None and run.fid.due(state.step):  # collective: every rank samples its share
-            run.logger.scalars(state.step, {"fid": run.fid(state.step, run.ema)})
+        evaluate(cfg, run)
         if state.step % cfg.train.ckpt_every == 0 or last or health.stop:
             health.flush()  # never save after a non-finite step; and every rank agrees on stopping here
+            run.clock.charge(state)
             ckpt.save_checkpoint(cfg, engine, run.ema, state, stage.loader, run.logger.message)
         run.logger.advance()
         if health.stop:
@@ -236,10 +276,33 @@ def run_stage(stage: Stage, run: Run) -> int | None:
     return None
 
 
-def build_loss(model_cfg: ModelConfig, loss_cfg: LossConfig) -> MaskedEDMLoss:
+def aligning(loss_cfg: LossConfig, step: int) -> bool:
+    """Whether optimizer step `step` (0-based, of the whole run) has the alignment term: the stage's weight is
+    positive and align_until_step, if set, is not reached."""
+    return loss_cfg.align_weight > 0 and (not loss_cfg.align_until_step or step < loss_cfg.align_until_step)
+
+
+def evaluate(cfg: Config, run: Run) -> None:
+    """Sample grids and in-training quality checks that are due; their time is not charged to device-hours.
+    Each quality value is logged with the device-hours and images seen that reached it."""
+    step, state = run.state.step, run.state
+    due = [name for name, monitor in run.monitors.items() if monitor.due(step)]
+    grid = cfg.train.grid_every and step % cfg.train.grid_every == 0
+    if not due and not grid:
+        return
+    if grid:
+        log_grid(cfg, run.ema, run.logger, step)
+    for name in due:  # collective: every rank samples its share
+        run.logger.scalars(step, {name: run.monitors[name](step, run.ema), "device_hours": state.device_hours,
+                                  "images_seen": state.images_seen})
+    run.clock.skip()
+
+
+def build_loss(model_cfg: ModelConfig, loss_cfg: LossConfig, aligned: bool = False) -> MaskedEDMLoss:
     size = get_size(model_cfg.name)
     return MaskedEDMLoss(size.patch_size, model_cfg.num_classes, loss_cfg.P_mean, loss_cfg.P_std,
-                         model_cfg.sigma_data, loss_cfg.mae_weight, loss_cfg.label_dropout)
+                         model_cfg.sigma_data, loss_cfg.mae_weight, loss_cfg.label_dropout, aligned,
+                         loss_cfg.align_weight)
 
 
 def build_meter(cfg: Config) -> Throughput:
@@ -257,21 +320,23 @@ def new_sums() -> defaultdict:
     return defaultdict(lambda: torch.zeros((), device=dist.device(), dtype=torch.float64))
 
 
-def train_step(engine: Engine, batches, loss_fn: MaskedEDMLoss, masker: Masker, data_cfg: DataConfig,
-               accum: int, sums: dict) -> torch.Tensor:
+def train_step(engine: Engine, batches, loss_fn: MaskedEDMLoss, masker: Masker, teacher: Teacher | None,
+               data_cfg: DataConfig, accum: int, sums: dict) -> torch.Tensor:
     """One optimizer step over `accum` micro-batches; adds the per-sample loss parts to `sums` and returns the
-    count of non-finite losses (plus 1 for a non-finite gradient norm) as a 0-dim device tensor."""
+    count of non-finite losses (plus 1 for a non-finite gradient norm) as a 0-dim device tensor. teacher: the
+    frozen encoder whose features of the clean images the step aligns to (None: no alignment this step)."""
     device = dist.device()
     nonfinite = torch.zeros((), device=device)
     for _ in range(accum):  # DeepSpeed applies the optimizer on the last micro-batch
         batch = next(batches)
         x = to_model_input(batch["x"].to(device, non_blocking=True), data_cfg)
-        loss, parts = loss_fn(engine, x, batch["y"].to(device, non_blocking=True), masker)
+        target = None if teacher is None else teacher(teacher_input(batch, x).to(device, non_blocking=True))
+        loss, parts = loss_fn(engine, x, batch["y"].to(device, non_blocking=True), masker, target)
         engine.backward(loss.mean())
         engine.step()
         for key, value in (("loss", loss.detach()), *parts.items()):
             sums[key] += value.double().sum()
-        sums["count"] += loss.shape[0]
+            sums[f"{key}_count"] += value.shape[0]  # "align" is only there on the steps that align
         nonfinite += (~torch.isfinite(loss.detach())).sum()
     grad_bad = engine.grad_norm_finite()
     return nonfinite if grad_bad is None else nonfinite + grad_bad
@@ -279,14 +344,15 @@ def train_step(engine: Engine, batches, loss_fn: MaskedEDMLoss, masker: Masker, 
 
 def log_window(engine: Engine, state: TrainState, sums: dict, ratio: float, meter: Throughput, logger: RunLogger,
                epoch: int) -> None:
-    """Collective: the window's mean loss parts over all ranks, with the engine's lr and loss scale."""
-    keys = ["loss", "dsm", "mae", "count"]
+    """Collective: the window's mean loss parts over all ranks, with the engine's lr and loss scale, and the
+    device-hours and images seen so far."""
+    parts = [k for k in ("loss", "dsm", "mae", "align") if k in sums]  # the same on every rank
+    keys = parts + [f"{k}_count" for k in parts]
     values = dict(zip(keys, dist.all_reduce(torch.stack([sums[k] for k in keys])).tolist()))
-    count = max(values["count"], 1)
-    stats = {"loss": values["loss"] / count, "dsm": values["dsm"] / count, "mae": values["mae"] / count,
+    stats = {**{k: values[k] / max(values[f"{k}_count"], 1) for k in parts},
              "lr": engine.lr, "mask_ratio": ratio, "loss_scale": engine.loss_scale,
-             "skipped_steps": engine.skipped_steps, "images_seen": state.images_seen, "epoch": epoch,
-             "stage": state.stage, **meter.read()}
+             "skipped_steps": engine.skipped_steps, "images_seen": state.images_seen,
+             "device_hours": state.device_hours, "epoch": epoch, "stage": state.stage, **meter.read()}
     logger.scalars(state.step, stats)
 
 

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from .. import dist, io
-from ..config import Config, grad_accum, resolve_auto, save_config, stage_config, stages_of, validate
+from ..config import Config, aligns, grad_accum, resolve_auto, save_config, stage_config, stages_of, validate
 from ..errors import ConfigError, RunDirBusy
 from ..hardware import half_precision_warning
 from ..model import build_denoiser, get_size, kept_tokens, token_grid, train_flops
@@ -37,6 +37,12 @@ def describe(cfg: Config, world: int) -> str:
         lines.append(f"stage {i} ({stage.name}): {stage.steps} steps, {scfg.engine.precision}, mask ratio "
                      f"{scfg.mask.ratio} ({scfg.mask.strategy}, {kept} tokens kept), lr {scfg.optim.lr}, "
                      f"grad accum {grad_accum(scfg, world)}, training GFLOPs per image {flops / 1e9:.2f}")
+        if aligns(cfg):
+            loss = scfg.loss
+            until = f", until step {loss.align_until_step}" if loss.align_until_step else ""
+            lines.append(f"  alignment: weight {loss.align_weight}{until}; encoder block {loss.align_depth} -> "
+                         f"projector (width {loss.align_proj_dim}) -> {loss.align_teacher} features at "
+                         f"{loss.align_teacher_resolution} px" if loss.align_weight else "  alignment: off")
         lines.append("ds_config: " + json.dumps(build_ds_config(scfg, world)))
     lines.append(f"parameters: {params:,} trainable + {tables:,} in fixed position tables = {params + tables:,}")
     return "\n".join(lines)

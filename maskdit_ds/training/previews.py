@@ -5,7 +5,9 @@
   list, so the curve is no noisier than the model), each runs the FID Inception on its own images, and only the
   pool3 features (N, 2048) travel to rank 0. FID is biased in N: the values compare with each other, not with
   FID-50K;
-- the final samples (samples.npz/png/json), judged by a digit classifier for the built-in example.
+- in-training class agreement for the built-in digits every eval.agreement_every steps: the same sampling, judged
+  by a digit classifier on rank 0;
+- the final samples (samples.npz/png/json), judged by the same classifier for the built-in example.
 """
 from __future__ import annotations
 
@@ -21,21 +23,71 @@ from ..data.transforms import class_grid, image_grid, to_uint8
 from ..data.vae import decode, load_decoder
 from ..diffusion.sampler import sample_seeds
 from ..errors import ConfigError
-from ..evaluation import PT_INCEPTION_SHA256, build_extractor, frechet_distance, gaussian_stats, open_images
-from ..evaluation import load_reference_stats
+from ..evaluation import (PT_INCEPTION_SHA256, build_extractor, frechet_distance, gaussian_stats, load_reference_stats,
+                          open_images)
 from ..generation.run import autocast, run_generate_config, sample_pixels
 from .stats import RunLogger
 
 
-class FIDMonitor:
+class Monitor:
+    """Sampling for a quality check every `every` steps: eval.<n>_samples images with the EMA and guidance, a fixed
+    seed list strided over ranks (so the curve is no noisier than the model), classes from each seed."""
+
+    def __init__(self, cfg: Config, every: int, num_samples: int, device=None):
+        m = cfg.model
+        self.every, self.num_samples, self.device = every, num_samples, device or dist.device()
+        self.shape = (m.in_channels, m.input_size, m.input_size)  # what the network samples
+        self.gen = run_generate_config(cfg, batch_size=64)
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def seeds(self) -> range:
+        """This rank's seeds: 0..num_samples-1, strided over ranks."""
+        return range(dist.rank(), self.num_samples, dist.world_size())
+
+    @torch.no_grad()
+    def sample(self, ema) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (n, H, W, 3) and their classes (n,) for this rank's seeds."""
+        vae = load_decoder(self.gen.vae, self.device)[0]  # cached: the run's one VAE (None for pixel models)
+        was_training = ema.training
+        ema.eval()
+        images, labels = sample_pixels(ema, self.seeds(), None, self.shape, self.gen, self.device, vae)
+        ema.train(was_training)
+        return images, labels
+
+
+class AgreementMonitor(Monitor):
+    """The built-in digits: the share of EMA samples that a classifier trained on the real digits assigns to the
+    class they were generated for (rank 0 judges)."""
+
+    def __init__(self, cfg: Config, device=None):
+        super().__init__(cfg, cfg.eval.agreement_every, cfg.eval.agreement_samples, device)
+        self.judge = DigitsJudge() if dist.is_main() else None
+
+    def __call__(self, step: int, ema) -> float | None:
+        """Collective. The agreement on rank 0 at due steps; None on other ranks and at other steps."""
+        if not self.due(step):
+            return None
+        parts = dist.gather_to_main(self.sample(ema))
+        if not dist.is_main():
+            return None
+        return judge_digits(self.judge, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+
+
+def judge_digits(judge: DigitsJudge, pixels: np.ndarray, classes: np.ndarray) -> float:
+    """uint8 (N, H, W, C) samples and the classes they were generated for -> the share the judge agrees with."""
+    as_float = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return judge.agreement(as_float, torch.from_numpy(np.asarray(classes)))
+
+
+class FIDMonitor(Monitor):
     """Built collectively on every rank after the EMA exists; fails on every rank if the setup is wrong."""
 
     def __init__(self, cfg: Config, device=None, inception_batch: int = 100):
-        e, m = cfg.eval, cfg.model
-        self.every, self.num_samples, self.device = e.fid_every, e.fid_samples, device or dist.device()
-        self.shape = (m.in_channels, m.input_size, m.input_size)  # what the network samples
+        e = cfg.eval
+        super().__init__(cfg, e.fid_every, e.fid_samples, device)
         latent = cfg.data.kind.latent
-        self.gen = run_generate_config(cfg, batch_size=64)
         self.extractor, self.ref = None, None
         error = None
         try:
@@ -60,28 +112,11 @@ class FIDMonitor:
                               f"generates {resolution}x{resolution} (data.resolution); build the reference at "
                               "that size")
 
-    def due(self, step: int) -> bool:
-        return bool(self.every) and step % self.every == 0
-
-    def seeds(self) -> range:
-        """This rank's seeds: 0..fid_samples-1, strided over ranks."""
-        return range(dist.rank(), self.num_samples, dist.world_size())
-
-    @torch.no_grad()
-    def sample(self, ema) -> np.ndarray:
-        """uint8 (n, H, W, 3) for this rank's seeds, classes uniform from each seed's generator, with guidance."""
-        vae = load_decoder(self.gen.vae, self.device)[0]  # cached: the run's one VAE (None for pixel models)
-        images, _ = sample_pixels(ema, self.seeds(), None, self.shape, self.gen, self.device, vae)
-        return images
-
     def __call__(self, step: int, ema) -> float | None:
         """Collective. The FID on rank 0 at due steps; None on other ranks and at other steps."""
         if not self.due(step):
             return None
-        was_training = ema.training
-        ema.eval()
-        features = self.extractor.images(self.sample(ema)).pool3  # (n, 2048) float32
-        ema.train(was_training)
+        features = self.extractor.images(self.sample(ema)[0]).pool3  # (n, 2048) float32
         parts = dist.gather_to_main(features)
         if not dist.is_main():
             return None
@@ -122,7 +157,7 @@ def grid_vae(spec: str):
 
 
 @torch.no_grad()
-def final_samples(cfg: Config, ema, logger: RunLogger) -> None:
+def final_samples(cfg: Config, ema, logger: RunLogger, state=None) -> None:
     """Sample cfg.sample.final_samples images with the EMA and guidance, split over ranks by seed, into
     samples.npz (arr_0 uint8 NHWC, arr_1 labels) and samples.png; the digits example is also judged."""
     n = cfg.sample.final_samples
@@ -144,8 +179,10 @@ def final_samples(cfg: Config, ema, logger: RunLogger) -> None:
 
     Image.fromarray(class_grid(pixels, classes)).save(cfg.run_dir / "samples.png")
     report = {"num_samples": int(n), "guidance": cfg.sample.guidance, "steps": cfg.sample.steps}
+    if state is not None:  # what the model cost to train
+        report["training"] = {"run": cfg.run.name, "step": state.step, "images_seen": state.images_seen,
+                              "device_hours": state.device_hours}
     if cfg.data.source == "digits":  # the built-in example: a classifier trained on the real digits judges
-        as_float = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
-        report["digits_class_agreement"] = DigitsJudge().agreement(as_float, torch.from_numpy(classes))
+        report["digits_class_agreement"] = judge_digits(DigitsJudge(), pixels, classes)
     io.atomic_write_text(cfg.run_dir / "samples.json", json.dumps(report, indent=2))
     logger.message(f"[samples] wrote {cfg.run_dir / 'samples.npz'}: {json.dumps(report)}")

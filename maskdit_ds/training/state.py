@@ -14,6 +14,7 @@ class TrainState:
     stage: int = 0  # index into the stage list
     stage_step: int = 0  # optimizer steps done in the current stage
     images_seen: int = 0
+    device_hours: float = 0.0  # training wall time x devices, evaluation excluded (stats.DeviceClock)
 
 
 def rng_state() -> dict:

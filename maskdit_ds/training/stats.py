@@ -54,6 +54,26 @@ class Throughput:
         return out
 
 
+class DeviceClock:
+    """Cumulative device-hours of training (wall time x devices) in TrainState.device_hours, charged as the run
+    goes; time spent evaluating (sample grids, in-training FID and agreement) is skipped, so that runs compare by
+    the compute that trained them. Counting starts at the first stage; a resume continues the saved count (the
+    steps redone after a preemption are counted once)."""
+
+    def __init__(self, devices: int):
+        self.devices, self.mark = devices, time.perf_counter()
+
+    def charge(self, state) -> None:
+        """Add the time since the last charge or skip to state.device_hours."""
+        now = time.perf_counter()
+        state.device_hours += (now - self.mark) * self.devices / 3600
+        self.mark = now
+
+    def skip(self) -> None:
+        """Not charged: the time since the last charge (evaluation)."""
+        self.mark = time.perf_counter()
+
+
 def truncate_stats(path: Path, step: int) -> None:
     """Drop stats.jsonl lines after `step` (a crash-resume replays them), atomically; torn lines go too."""
     if not path.is_file():
@@ -97,7 +117,7 @@ class RunLogger:
         for key, value in values.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.tb.add_scalar(key, value, step)
-        shown = ("loss", "dsm", "mae", "lr", "mask_ratio", "loss_scale", "images_per_s", "tflops", "mfu",
+        shown = ("loss", "dsm", "mae", "align", "lr", "mask_ratio", "loss_scale", "images_per_s", "tflops", "mfu",
                  "peak_mem_gb")
         self.bar.set_postfix({k: f"{values[k]:.4g}" for k in shown if values.get(k) is not None}, refresh=False)
 

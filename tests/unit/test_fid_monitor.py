@@ -30,7 +30,7 @@ def test_identical_reference_gives_zero(tmp_path, weights):
     cfg = fid_config(weights, placeholder)
     ema = random_ema(cfg)
     first = FIDMonitor(cfg, "cpu")
-    own = first.sample(ema)  # the exact images the monitor scores (fixed seeds)
+    own, _ = first.sample(ema)  # the exact images the monitor scores (fixed seeds)
     assert own.shape == (6, 16, 16, 3) and own.dtype == np.uint8
     same = reference_from(own, tmp_path / "same.npz", weights, first.extractor)
     monitor = FIDMonitor(fid_config(weights, same), "cpu")
