@@ -4,9 +4,9 @@ Layers, each importing only from the ones above it:
   errors, io, hardware, dist     the ground floor: exit codes, atomic writes, what the machine can do, ranks
   config                         the typed run config, presets, validation
   data                           datasets, transforms, the VAE, latent caches, the resumable loader
-  model                          the networks (pure torch), masking, FLOPs, export folders
+  model                          the networks (pure torch), masking, FLOPs, export folders, alignment
   diffusion                      the masked EDM loss, the EDM sampler, schedules
-  evaluation                     the ADM protocol (FID, sFID, IS, precision, recall)
+  evaluation                     the ADM protocol (FID, sFID, IS, precision, recall), quality-vs-cost reports
   generation                     many-rank sampling into ADM .npz files
   training                       the loop on DeepSpeed (engine.py is the only deepspeed import), checkpoints
   convert                        foreign checkpoints and Hub folders

@@ -6,7 +6,8 @@
   cache           encode images with a VAE into a latent cache (resumable, one share per rank)
   import-latents  import the paper's released latents into a latent cache
   convert         checkpoints to and from export folders (ZeRO tags, the paper's, DiT's, Hub folders), resharding
-  bench           time training steps: mask ratios, eager/compiled, DeepSpeed vs plain PyTorch
+  bench           time training steps: mask ratios, eager/compiled, DeepSpeed vs plain PyTorch, alignment
+  report          quality against device-hours and images seen for several runs (PNG plot + markdown table)
 
 `python -m maskdit_ds <command> --help` gives each command's options.
 """
@@ -16,7 +17,8 @@ import importlib
 import sys
 
 COMMANDS = {"train": "train", "sample": "sample", "eval": "evaluate", "cache": "cache",
-            "import-latents": "import_latents", "convert": "convert", "bench": "bench"}  # command -> cli module
+            "import-latents": "import_latents", "convert": "convert", "bench": "bench",
+            "report": "report"}  # command -> cli module
 
 
 def main(argv=None) -> int:
