@@ -3,6 +3,7 @@ loader samples/s, on a generated image folder. Prints one JSON line; see docs/be
 
   python tools/bench_data.py                                  # tiny VAE, 32 px, CPU
   python tools/bench_data.py --vae /models/sd-vae-ft-mse --resolution 256 --device cuda --images 4096
+  python tools/bench_data.py --resolution 256 --teacher-resolution 224 --loader-batch 64 --loader-workers 1
 """
 
 import argparse
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 
 from maskdit_ds.data.latent_cache import LatentCache, encode_to_cache, sample_latent
+from maskdit_ds.data.source_images import LatentsWithImages
 from maskdit_ds.data.sources import ImageFolderSource
 from maskdit_ds.data.vae import encode_moments, load_vae
 from maskdit_ds.timing import interleave, time_calls
@@ -87,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--loader-batch", type=int, default=256)
     p.add_argument("--loader-workers", type=int, default=1)
     p.add_argument("--loader-batches", type=int, default=50)
+    p.add_argument("--teacher-resolution", type=int, default=0,
+                   help="also time the loader serving each latent's source image at this size (alignment)")
     p.add_argument("--workdir", default=None, help="where to put images and the cache (default: a temp dir)")
     args = p.parse_args(argv)
     datasets.disable_progress_bars()
@@ -111,6 +115,11 @@ def main(argv=None) -> int:
         result["cache_images_per_s"] = written["images_per_s"]  # decode + crop + encode + shard writes
         result["cache_seconds_with_validation"] = seconds
         result.update(bench_loader(LatentCache(out), args.loader_batch, args.loader_workers, args.loader_batches))
+        if args.teacher_resolution:  # alignment: each latent's source image beside it, at the teacher's size
+            beside = LatentsWithImages(LatentCache(out), args.teacher_resolution)
+            images = bench_loader(beside, args.loader_batch, args.loader_workers, args.loader_batches)
+            result["loader_with_images_samples_per_s"] = images["loader_samples_per_s"]
+            result["teacher_resolution"] = args.teacher_resolution
     print(json.dumps(result), flush=True)
     return 0
 

@@ -5,6 +5,8 @@
     python -m maskdit_ds bench --model MaskDiT-XL/2 --input-size 32 --batch 128 --precision fp16 --compile both
     python -m maskdit_ds bench --model UViT-Digits/2 --input-size 32 --channels 3 --batch 32 --no-deepspeed \\
         --ratios 0,0.5,0.75,0.9 --strategy block --block-size 2              # plain torch, MaskDM's block masks
+    python -m maskdit_ds bench --model MaskDiT-XL/2 --batch 128 --precision fp16 \\
+        --align facebook/dinov2-base --align-depth 8                         # REPA's overhead, side by side
 """
 import argparse
 import json
@@ -33,6 +35,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--no-deepspeed", action="store_true", help="only the plain-PyTorch loop")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off", "both"],
                    help="torch.compile the blocks (auto: on GPUs); both: eager and compiled engines interleaved")
+    p.add_argument("--align", metavar="TEACHER", default="",
+                   help="also time every runner with representation alignment: this teacher (folder or hub id)")
+    p.add_argument("--align-depth", type=int, default=8, help="encoder block whose tokens are aligned")
+    p.add_argument("--align-proj-dim", type=int, default=2048, help="projector width")
+    p.add_argument("--teacher-resolution", type=int, default=224, help="image side the teacher sees")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     args.ratios = tuple(float(r) for r in args.ratios.split(","))
@@ -51,7 +58,9 @@ def main(argv=None) -> int:
 
     rows = run(args.model, args.input_size, args.channels, args.batch, args.precision, args.ratios, args.rounds,
                args.steps, warmup=args.warmup, baseline=args.baseline, compile=args.compile,
-               strategy=args.strategy, block_size=args.block_size, deepspeed=not args.no_deepspeed)
+               strategy=args.strategy, block_size=args.block_size, deepspeed=not args.no_deepspeed,
+               align={"teacher": args.align, "depth": args.align_depth, "proj_dim": args.align_proj_dim,
+                      "resolution": args.teacher_resolution} if args.align else None)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
     print(format_rows(rows, f"{args.model} {args.input_size}x{args.input_size}x{args.channels}, batch {args.batch}, "
                             f"{rows[0]['precision']}, {device}"))
