@@ -168,7 +168,7 @@ class SampleConfig(SamplerConfig):
 class EvalConfig:
     fid_every: int = 0  # every N steps sample fid_samples images with the EMA and log FID to TensorBoard (0: off)
     fid_samples: int = 2000  # images per in-training FID (spread over ranks, one seed each)
-    fid_ref: str = ""  # reference .npz (ADM layout, or made by `tools/eval_fid.py ref`)
+    fid_ref: str = ""  # reference .npz (ADM layout, or made by `python -m maskdit_ds eval ref`)
     inception_weights: str = ""  # pt_inception-2015-12-05-6726825d.pth
     inception_sha256: str = ""  # expected hash of inception_weights; empty: the official file's hash
     agreement_every: int = 0  # digits: every N steps the digit classifier judges agreement_samples EMA samples (0: off)
