@@ -263,7 +263,7 @@ def run_stage(stage: Stage, run: Run) -> int | None:
         evaluate(cfg, run)
         if state.step % cfg.train.ckpt_every == 0 or last or health.stop:
             health.flush()  # never save after a non-finite step; and every rank agrees on stopping here
-            run.clock.charge(state)
+            run.clock.charge(state, agree=True)
             ckpt.save_checkpoint(cfg, engine, run.ema, state, stage.loader, run.logger.message)
         run.logger.advance()
         if health.stop:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .. import dist
 from ..io import atomic_write_text
 
 
@@ -63,11 +64,15 @@ class DeviceClock:
     def __init__(self, devices: int):
         self.devices, self.mark = devices, time.perf_counter()
 
-    def charge(self, state) -> None:
-        """Add the time since the last charge or skip to state.device_hours."""
+    def charge(self, state, agree: bool = False) -> None:
+        """Add the time since the last charge or skip to state.device_hours. agree (collective, before a save):
+        every rank takes rank 0's count, since each rank's clock differs slightly and the saved train states of
+        all ranks must match (resharding checks that)."""
         now = time.perf_counter()
         state.device_hours += (now - self.mark) * self.devices / 3600
         self.mark = now
+        if agree:
+            state.device_hours = dist.broadcast_from_main(state.device_hours)
 
     def skip(self) -> None:
         """Not charged: the time since the last charge (evaluation)."""

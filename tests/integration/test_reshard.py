@@ -94,4 +94,8 @@ def test_trainer_resumes_a_two_rank_run_on_one_rank(tmp_path):
     old = [ckpt.load_rank_state(tags / "step_0000002", r)["data"] for r in range(2)]
     now = ckpt.load_rank_state(tags / "step_0000003", 0)
     assert now["data"] == {"epoch": old[0]["epoch"], "position": old[0]["position"] + old[1]["position"] + 16}
+    hours = now["train"].pop("device_hours")
     assert now["train"] == {"step": 3, "stage": 0, "stage_step": 3, "images_seen": 48}
+    # device-hours continue from the 2-rank count (which both ranks saved alike), now charged for one device
+    saved = {ckpt.load_rank_state(tags / "step_0000002", r)["train"]["device_hours"] for r in range(2)}
+    assert len(saved) == 1 and hours > saved.pop()
