@@ -4,7 +4,6 @@ import subprocess
 
 import numpy as np
 import pytest
-
 from launch import ROOT, command, env
 
 from maskdit_ds.config import load_config
