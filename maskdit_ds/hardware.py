@@ -58,8 +58,9 @@ def resolve_precision(requested: str) -> tuple[str, str]:
 
 
 def sampling_precision(choice: str) -> str:
-    """auto: bf16 autocast on GPUs that have it (fp16 on older ones), fp32 on CPUs. The EDM scalings and the
-    solver state stay fp32/float64 whatever this says; only the network's matmuls drop precision."""
+    """auto: bf16 autocast on GPUs that have it (fp16 on older ones), fp32 on CPUs; also the frozen alignment
+    teacher's precision. The EDM scalings and the solver state stay fp32/float64 whatever this says; only the
+    network's matmuls drop precision."""
     if choice != "auto":
         return choice
     if not torch.cuda.is_available():

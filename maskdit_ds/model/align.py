@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .masking import gather_tokens
+
 PREFIX = "denoiser."  # the denoiser's keys inside an AlignedDenoiser's state dict
-PROJECTOR = "projector."
 
 
 @dataclass
@@ -65,6 +66,6 @@ def alignment_loss(projected: torch.Tensor, target: torch.Tensor, ids_keep: torc
     grid in raster order; ids_keep (N, L_keep), or None when unmasked (L_keep = L, raster order). -> (N,)
     """
     if ids_keep is not None:
-        target = torch.gather(target, 1, ids_keep.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+        target = gather_tokens(target, ids_keep)
     cos = torch.nn.functional.cosine_similarity(projected.float(), target.float(), dim=-1)  # (N, L_keep)
     return (1 - cos).mean(dim=1)

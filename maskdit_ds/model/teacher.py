@@ -91,9 +91,3 @@ def load_teacher(spec: str, resolution: int, grid: int, device, dtype: torch.dty
         mean, std = mean[:1] * encoder.config.num_channels, std[:1] * encoder.config.num_channels
     return Teacher(encoder.to(dtype), resolution, grid, mean, std).to(device)
 
-
-def teacher_dtype(device: torch.device) -> torch.dtype:
-    """Half precision on GPUs (bf16 where supported), float32 on CPUs (where half matmuls are emulated)."""
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

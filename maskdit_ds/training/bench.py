@@ -12,10 +12,10 @@ import torch
 from .. import dist
 from ..config import load_config, resolve_auto
 from ..diffusion import MaskedEDMLoss
-from ..hardware import DTYPES, device_peak_tflops
+from ..hardware import DTYPES, device_peak_tflops, sampling_precision
 from ..model import Masker, build_denoiser, gemm_shapes, get_size, token_grid, train_flops
 from ..model.align import AlignedDenoiser
-from ..model.teacher import load_teacher, teacher_dtype
+from ..model.teacher import load_teacher
 from ..timing import interleave, time_calls
 from .engine import Engine, compile_enabled, init_distributed
 from .stats import mfu, peak_memory_gb
@@ -90,7 +90,7 @@ def step_fn(runner, loss_fn: MaskedEDMLoss, masker: Masker, x: torch.Tensor, y: 
 def alignment_modes(cfg, align: dict, compile: str, baseline: bool, deepspeed: bool, maskers: dict, x, y) -> dict:
     """The same runners training AlignedDenoisers (REPA's projector) with the teacher's forward in every step."""
     device, grid = dist.device(), token_grid(cfg.model)
-    teacher = load_teacher(align["teacher"], align["resolution"], grid, device, teacher_dtype(device))
+    teacher = load_teacher(align["teacher"], align["resolution"], grid, device, DTYPES[sampling_precision("auto")])
     size = get_size(cfg.model.name)
     loss_fn = MaskedEDMLoss(size.patch_size, cfg.model.num_classes, label_dropout=0.1, aligned=True,
                             align_weight=0.5)

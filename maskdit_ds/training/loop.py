@@ -25,10 +25,10 @@ from ..config import Config, DataConfig, LossConfig, ModelConfig, aligns, grad_a
 from ..data import ResumableLoader, build_dataset, teacher_input, to_model_input
 from ..diffusion import MaskedEDMLoss, ema_update, mask_ratio_at
 from ..errors import EXIT_PREEMPTED, TrainingError
-from ..hardware import device_peak_tflops
+from ..hardware import DTYPES, device_peak_tflops, sampling_precision
 from ..model import Masker, build_denoiser, gemm_shapes, get_size, kept_tokens, token_grid, train_flops
 from ..model.align import AlignedDenoiser, denoiser_of
-from ..model.teacher import Teacher, load_teacher, teacher_dtype
+from ..model.teacher import Teacher, load_teacher
 from . import checkpoint as ckpt
 from .engine import Engine, consolidated_fp32_state, init_distributed
 from .lifecycle import StopRequest
@@ -77,9 +77,11 @@ def train_locked(cfg: Config) -> int:
             code = run_stage(stage, run)
             if code is not None:
                 return code
+            if index + 1 == len(stages):
+                stage.engine.release()  # nothing to hand over after the last stage
+                break
             start.net, start.data_state = hand_over(stage, teacher)
-            if index + 1 < len(stages):
-                state.stage, state.stage_step = index + 1, 0
+            state.stage, state.stage_step = index + 1, 0
 
         # 5. Samples from the EMA.
         final_samples(cfg, ema, logger, state)
@@ -92,9 +94,9 @@ def train_locked(cfg: Config) -> int:
 def build_teacher(cfg: Config) -> Teacher:
     """The frozen alignment teacher on this rank's device (half precision on GPUs), its features pooled to the
     denoiser's token grid."""
-    device = dist.device()
-    teacher = load_teacher(cfg.loss.align_teacher, cfg.loss.align_teacher_resolution, token_grid(cfg.model), device,
-                           teacher_dtype(device))
+    dtype = DTYPES[sampling_precision("auto")]  # inference precision: bf16 (fp16) on GPUs, fp32 on CPUs
+    teacher = load_teacher(cfg.loss.align_teacher, cfg.loss.align_teacher_resolution, token_grid(cfg.model),
+                           dist.device(), dtype)
     dist.print0(f"[align] teacher {cfg.loss.align_teacher}: {teacher.dim}-d patch features at "
                 f"{teacher.resolution} px ({teacher.patch_grid}x{teacher.patch_grid} patches -> the "
                 f"{teacher.grid}x{teacher.grid} token grid), {next(teacher.parameters()).dtype}, frozen")
