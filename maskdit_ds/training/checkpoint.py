@@ -101,19 +101,19 @@ def unreadable_safetensors(path: Path) -> str | None:
 
 def latest_good_tag(ckpt_dir: Path, warn=print, verify_loads=None) -> str | None:
     """Newest tag that passes the size, hash (and `verify_loads`) checks; each skipped tag goes to `warn`."""
-    for tag, problem in scan_tags(ckpt_dir, verify_loads, stop_at_good=True):
+    for tag, problem in scan_tags(ckpt_dir, verify_loads):
         if problem is None:
             return tag
         warn(f"[checkpoint] skipping {Path(ckpt_dir) / tag}: {problem}")
     return None
 
 
-def scan_tags(ckpt_dir: Path, verify_loads=None, stop_at_good: bool = False) -> list[tuple[str, str | None]]:
-    """(tag, problem or None), newest first; with stop_at_good, up to the first usable one."""
+def scan_tags(ckpt_dir: Path, verify_loads=None) -> list[tuple[str, str | None]]:
+    """(tag, problem or None), newest first, up to the first usable one."""
     out = []
     for tag in reversed(list_tags(ckpt_dir)):
         out.append((tag, check_tag(Path(ckpt_dir) / tag, verify_hashes=True, verify_loads=verify_loads)))
-        if stop_at_good and out[-1][1] is None:
+        if out[-1][1] is None:
             break
     return out
 
@@ -203,7 +203,7 @@ def choose_start(cfg: Config) -> str | None:
         if archived:
             print(f"[resume] train.resume=never: the previous attempt moved to {archived}", flush=True)
         return None
-    scanned = scan_tags(ckpt_dir, verify_loads=unsafe_file, stop_at_good=True)
+    scanned = scan_tags(ckpt_dir, verify_loads=unsafe_file)
     for tag, problem in scanned:
         if problem:
             print(f"[checkpoint] skipping {ckpt_dir / tag}: {problem}", flush=True)
@@ -255,11 +255,12 @@ def init_from(path: Path, net, ema, state: TrainState, reset_ema: bool, say=prin
         tag = latest_good_tag(path / "checkpoints", warn=say, verify_loads=unsafe_file)
         if tag is None:
             raise ConfigError(f"train.init_from: {path}/checkpoints has no usable checkpoint")
-        path = path / "checkpoints" / tag
-    if (path / MANIFEST).is_file():
+        path = path / "checkpoints" / tag  # latest_good_tag has verified it
+    elif (path / MANIFEST).is_file():
         problem = check_tag(path, verify_hashes=True, verify_loads=unsafe_file)
         if problem:
             raise ConfigError(f"train.init_from: {path} is not a usable checkpoint: {problem}")
+    if (path / MANIFEST).is_file():
         weights = denoiser_state(consolidated_fp32_state(path))  # an aligned run's projector is not carried over
         ema_weights = load_file(str(path / EMA_FILE))
         prior = load_rank_state(path, 0)["train"]

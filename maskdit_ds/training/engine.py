@@ -262,7 +262,6 @@ def universal_conversion_main(argv: list[str]) -> None:
     import runpy
     import sys
 
-    os.environ[FORCE_WEIGHTS_ONLY] = "1"  # inherited by any worker process it starts
-    torch.serialization.add_safe_globals(deepspeed_safe_globals())
     sys.argv = ["ds_to_universal", *argv]
-    runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__")
+    with safe_loads():  # the environment variable is inherited by any worker process it starts
+        runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__")
