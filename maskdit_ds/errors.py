@@ -20,3 +20,7 @@ class TrainingError(RuntimeError):
 
 class StorageError(RuntimeError):
     """A write failed; the message names the path and the free space there."""
+
+
+class ReshardError(RuntimeError):
+    """A checkpoint tag cannot be resharded; the message says why."""

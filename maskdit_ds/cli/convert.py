@@ -13,9 +13,8 @@ a pickle that carries code is refused. See docs/checkpoints.md for the key mappi
 import argparse
 import sys
 
-
 from .. import convert
-from ..training import reshard
+from ..errors import ReshardError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -71,8 +70,10 @@ def main(argv=None) -> int:
         elif args.command == "push":
             convert.push_to_hub(args.folder, args.repo_id, args.private, args.token)
         elif args.command == "reshard":
-            reshard.reshard(args.tag_dir, args.world_size, args.workers)
-    except (convert.ConversionError, reshard.ReshardError, FileNotFoundError) as err:
+            from ..training.reshard import reshard  # imports deepspeed: only for this command
+
+            reshard(args.tag_dir, args.world_size, args.workers)
+    except (convert.ConversionError, ReshardError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -15,13 +15,10 @@ import sys
 from pathlib import Path
 
 from .. import dist, io
+from ..errors import ReshardError
 from . import checkpoint as ckpt
 
 UNIVERSAL = "universal"  # subfolder of a tag; the DeepSpeed tag to load is f"{tag}/universal"
-
-
-class ReshardError(RuntimeError):
-    """The tag cannot be resharded; the message says why."""
 
 
 def saved_world_size(tag_dir: Path) -> int:
