@@ -14,11 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-
 import torch
 
-from ..evaluation import (PT_INCEPTION_SHA256, build_extractor, build_reference, download_weights,
-                                   evaluate_npz, format_report)
+from .. import io
+from ..evaluation import (PT_INCEPTION_SHA256, build_extractor, build_reference, download_weights, evaluate_npz,
+                          format_report)
 
 
 def add_common(p: argparse.ArgumentParser):
@@ -98,8 +98,7 @@ def main(argv=None):
     if "training" in metrics:
         print(f"trained: {json.dumps(metrics['training'])}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(metrics, f, indent=2)
+        io.atomic_write_text(Path(args.out), json.dumps(metrics, indent=2))  # report reads it: never torn
         print(f"wrote {args.out}")
     return 0
 

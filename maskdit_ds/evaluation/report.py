@@ -15,6 +15,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import io
+
 METRICS = {  # stats key -> (axis label, better)
     "fid": ("FID (lower is better)", min),
     "digits_class_agreement": ("digits class agreement (higher is better)", max),
@@ -153,5 +155,5 @@ def report(items: list[str], out: Path, metric: str = "auto") -> tuple[Path, Pat
     text = table(arms, metric)
     if any(math.isnan(p.value) for arm in arms for c in arm.runs.values() for p in c):
         text += "\n(some values are NaN: a diverged or broken evaluation)"
-    md.write_text(f"{text}\n\n![quality against compute]({png.name})\n")
+    io.atomic_write_text(md, f"{text}\n\n![quality against compute]({png.name})\n")
     return png, md, text
