@@ -21,7 +21,6 @@ from ..model.export import export_state
 from ..model.layers import sincos_2d_table
 
 PREFIX = "model."  # EDMPrecond wraps the trunk as .model
-FIXED_TABLES = ("pos_embed", "decoder_pos_embed")  # recomputed by our model, never stored
 TABLE_TOLERANCE = 1e-6
 
 
@@ -55,7 +54,7 @@ def check_state(state: dict, expected: dict[str, tuple], source: str) -> None:
 
 
 def write_export(folder: Path, state: dict, model_cfg: ModelConfig, meta: dict) -> Path:
-    """checkpoint.export_state of an imported state dict, whose tensors may share storage (safetensors refuses
+    """model.export.export_state of an imported state dict, whose tensors may share storage (safetensors refuses
     that), so each is cloned first; .float() keeps fp32 bits unchanged."""
     return export_state(folder, {k: v.detach().float().clone().contiguous() for k, v in state.items()},
                              model_cfg, meta)
@@ -177,8 +176,3 @@ def pick_size(source: str, wanted: dict, name: str | None) -> str:
         raise ConversionError(f"{source}: several registered sizes fit {wanted} ({', '.join(matches)}); "
                               f"pass --model NAME")
     return matches[0]
-
-
-# ---------------------------------------------------------------- a. ZeRO tags of our runs
-
-

@@ -71,8 +71,3 @@ def convert_dit(path: Path, out: Path, use: str = "ema", model: str | None = Non
         f"{len(fresh)} tensors keep a fresh init (seed {seed}): {', '.join(DIT_FRESH)}",
         f"model {name}, input {input_size}, {channels} channels, {num_classes} classes"])
     return folder
-
-
-# ---------------------------------------------------------------- d. Hugging Face Hub folders
-
-

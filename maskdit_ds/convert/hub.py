@@ -78,7 +78,7 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = False, token: str | 
     folder = Path(folder)
     for name in (EXPORT_CONFIG, EXPORT_WEIGHTS, "README.md"):
         if not (folder / name).is_file():
-            raise ConversionError(f"{folder} has no {name}; build it with `convert_checkpoint.py hub` first")
+            raise ConversionError(f"{folder} has no {name}; build it with `python -m maskdit_ds convert hub` first")
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)

@@ -62,8 +62,3 @@ def convert_zero(tag_dir: Path, out: Path, weights: str = "ema") -> list[Path]:
                f"step {meta['step']}, saved on {manifest.get('world_size')} ranks; keys unchanged"])
         written.append(folder)
     return written
-
-
-# ---------------------------------------------------------------- b. the paper's released checkpoints
-
-

@@ -45,9 +45,6 @@ class LatentsWithImages(torch.utils.data.Dataset):
         items = self.cache.__getitems__(indices)
         return [{**item, "image": self.image(i)} for item, i in zip(items, indices)]
 
-    def labels(self) -> torch.Tensor:
-        return self.cache.labels()
-
 
 def open_recorded_source(cache: LatentCache, override: str = ""):
     """The image source the cache was encoded from (or `override`, the same images moved elsewhere), checked
