@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..config import PRECISIONS, LossConfig
+
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m maskdit_ds bench", description=__doc__,
@@ -22,7 +24,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--input-size", type=int, default=32, help="latent (or pixel) side, e.g. 32 for 256 px")
     p.add_argument("--channels", type=int, default=4)
     p.add_argument("--batch", type=int, default=16, help="images per step on this device")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: what training would pick on this machine")
     p.add_argument("--ratios", default="0.5,0.0", help="mask ratios to interleave")
     p.add_argument("--strategy", default="random", choices=["random", "block", "crop"], help="mask strategy")
@@ -37,9 +39,11 @@ def parse(argv=None) -> argparse.Namespace:
                    help="torch.compile the blocks (auto: on GPUs); both: eager and compiled engines interleaved")
     p.add_argument("--align", metavar="TEACHER", default="",
                    help="also time every runner with representation alignment: this teacher (folder or hub id)")
-    p.add_argument("--align-depth", type=int, default=8, help="encoder block whose tokens are aligned")
-    p.add_argument("--align-proj-dim", type=int, default=2048, help="projector width")
-    p.add_argument("--teacher-resolution", type=int, default=224, help="image side the teacher sees")
+    loss = LossConfig()  # the training defaults (REPA's), not a second copy of them
+    p.add_argument("--align-depth", type=int, default=loss.align_depth, help="encoder block whose tokens are aligned")
+    p.add_argument("--align-proj-dim", type=int, default=loss.align_proj_dim, help="projector width")
+    p.add_argument("--teacher-resolution", type=int, default=loss.align_teacher_resolution,
+                   help="image side the teacher sees")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     args.ratios = tuple(float(r) for r in args.ratios.split(","))
