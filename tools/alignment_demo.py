@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
 from maskdit_ds.config import load_config  # noqa: E402
+from maskdit_ds.dist import free_port  # noqa: E402
 from maskdit_ds.model import get_size, kept_tokens, token_grid, train_flops  # noqa: E402
 
 # name -> (first-stage mask ratio, strategy, aligned)
@@ -43,29 +43,29 @@ ALIGN = {"loss.align_depth": 2, "loss.align_proj_dim": 256, "loss.align_teacher_
 FIRST_SHARE, TUNING_LR = 0.8, 5.0e-4
 
 
-def teacher_flops(teacher_dir: Path) -> float:
-    """Forward FLOPs per image of the teacher: 2 x parameters x (patch tokens + [CLS])."""
+def teacher_cost(teacher_dir: Path) -> tuple[float, int]:
+    """(forward FLOPs per image of the teacher: 2 x parameters x (patch tokens + [CLS]), its feature width)."""
     from safetensors.torch import load_file
 
     config = json.loads((teacher_dir / "config.json").read_text())
     params = sum(t.numel() for t in load_file(str(teacher_dir / "model.safetensors")).values())
-    return 2.0 * params * ((config["image_size"] // config["patch_size"]) ** 2 + 1)
+    return 2.0 * params * ((config["image_size"] // config["patch_size"]) ** 2 + 1), config["hidden_size"]
 
 
-def step_flops(cfg, ratio: float, strategy: str, aligned: bool, teacher: float) -> tuple[float, int]:
-    """(training FLOPs per image of one step, kept tokens) for the digits model."""
+def step_flops(cfg, ratio: float, strategy: str, aligned: bool, teacher: tuple[float, int]) -> tuple[float, int]:
+    """(training FLOPs per image of one step, kept tokens) for the digits model; teacher: teacher_cost()."""
     m = cfg.model
     size = get_size(m.name)
     kept = kept_tokens(strategy, token_grid(m), ratio)
     flops = train_flops(size, m.input_size, m.in_channels, kept if ratio > 0 else None)
     if aligned:
-        width, dim = ALIGN["loss.align_proj_dim"], size.hidden_size
-        projector = dim * width + width * width + width * 64  # the digits teacher's 64-d features
-        flops += teacher + 6.0 * projector * kept  # teacher forward; projector forward + backward
+        (forward, features), width = teacher, ALIGN["loss.align_proj_dim"]
+        projector = size.hidden_size * width + width * width + width * features  # its weights
+        flops += forward + 6.0 * projector * kept  # teacher forward; projector forward + backward
     return flops, kept
 
 
-def plan(budget_steps: int, teacher: float) -> dict:
+def plan(budget_steps: int, teacher: tuple[float, int]) -> dict:
     """Steps per stage for every arm so that each spends the FLOPs of budget_steps unmasked steps."""
     cfg = load_config("digits")
     unmasked, _ = step_flops(cfg, 0.0, "random", False, teacher)
@@ -98,12 +98,6 @@ def overrides(name: str, arm: dict, seed: int, teacher_dir: Path, out: Path, eva
     return items
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(items: list[str], ranks: int, log: Path) -> None:
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "maskdit_ds",
@@ -134,7 +128,7 @@ def main(argv=None) -> int:
     if not (teacher_dir / "model.safetensors").is_file():
         subprocess.check_call([sys.executable, str(ROOT / "tools" / "train_digits_teacher.py"), "--out",
                                str(teacher_dir)], cwd=ROOT)
-    arms = plan(args.budget_steps, teacher_flops(teacher_dir))
+    arms = plan(args.budget_steps, teacher_cost(teacher_dir))
     (out / "plan.json").write_text(json.dumps({"budget_unmasked_steps": args.budget_steps, "arms": arms}, indent=2))
     print(json.dumps(arms, indent=2), flush=True)
     labels = []

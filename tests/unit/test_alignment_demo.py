@@ -23,7 +23,7 @@ def tool(name):
 
 def test_every_arm_gets_the_same_training_flops():
     demo = tool("alignment_demo")
-    arms = demo.plan(600, teacher=2.0e6)
+    arms = demo.plan(600, teacher=(2.0e6, 64))  # forward FLOPs, feature width
     totals = [arm["total_tflops"] for arm in arms.values()]
     # step counts are rounded to whole steps: within one step's FLOPs (< 0.2% of 480 steps) of each other
     assert max(totals) / min(totals) < 1.002
