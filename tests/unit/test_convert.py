@@ -15,7 +15,6 @@ from maskdit_ds import load_pretrained
 from maskdit_ds.config import ModelConfig
 from maskdit_ds.convert import ConversionError, convert_dit, convert_paper, make_hub_folder
 from maskdit_ds.model import MODELS, build_denoiser
-from maskdit_ds.model.layers import sincos_2d_table
 
 TINY = dict(name="MaskDiT-T/2", input_size=8, in_channels=4, num_classes=10)  # depth 2, width 64, decoder 1x32
 
@@ -192,8 +191,8 @@ def to_released_layout(state: dict, model_cfg: ModelConfig, prefix: str = "model
     size = MODELS[model_cfg.name]
     grid = model_cfg.input_size // size.patch_size
     out = {prefix + k[len("model."):]: v for k, v in state.items()}
-    out[prefix + "pos_embed"] = sincos_2d_table(size.hidden_size, grid)
-    out[prefix + "decoder_pos_embed"] = sincos_2d_table(size.decoder_hidden, grid)
+    out[prefix + "pos_embed"] = sincos(size.hidden_size, grid)
+    out[prefix + "decoder_pos_embed"] = sincos(size.decoder_hidden, grid)
     return out
 
 
