@@ -17,6 +17,7 @@ from .io import atomic_write_text
 PRESET_DIR = Path(__file__).parent / "configs"
 DS_CONFIG_DIR = Path(__file__).parent / "ds_configs"  # engine mechanics per precision, shipped with the package
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")  # = hardware.PRECISIONS (kept here so that parsing needs no torch)
+ENGINE_PRECISIONS = ("auto", "amp_fp16", "amp_bf16", "fp16", "bf16", "fp32")  # = auto + hardware.TRAINING_MODES
 OPTIMIZER_CHOICES = ("auto", "torch_fused", "torch", "deepspeed_fused")  # engine.OPTIMIZERS plus auto
 MAY_BE_INFINITE = ("sample.S_max",)  # "no upper bound"
 
@@ -103,7 +104,7 @@ class OptimConfig:
 
 @dataclass
 class EngineConfig:
-    precision: str = "auto"  # auto (bf16 on GPUs and CPUs that have it, else fp16 GPU / fp32 CPU) | fp16 | bf16 | fp32
+    precision: str = "auto"  # auto (amp_bf16 on GPUs, amp_fp16 before Ampere; bf16 on CPUs that have it, else fp32) | amp_fp16 | amp_bf16 (fp32 weights, autocast matmuls) | fp16 | bf16 (pure half engine) | fp32
     ds_config: str = ""  # engine-mechanics JSON; empty: ds_configs/zero2_<precision>.json
     tf32: bool = True  # allow TF32 matmuls on GPU in fp32 runs
     optimizer: str = "auto"  # AdamW kernel: auto (torch_fused on GPU, torch on CPU) / torch_fused / torch / deepspeed_fused (JIT build)
@@ -441,7 +442,8 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, _stage:
     _check(cfg.optim.lr > 0, f"optim.lr: {cfg.optim.lr} must be positive")
     _check(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
            f"optim.betas: {cfg.optim.betas} must be two numbers in [0, 1)")
-    _check(cfg.engine.precision in PRECISIONS, f"engine.precision: {cfg.engine.precision!r} not one of {PRECISIONS}")
+    _check(cfg.engine.precision in ENGINE_PRECISIONS,
+           f"engine.precision: {cfg.engine.precision!r} not one of {ENGINE_PRECISIONS}")
     if cfg.engine.precision != "auto":  # auto is resolved on the machine that trains (resolve_auto)
         ds_config_path(cfg)  # raises when missing
     _check(cfg.sample.precision in PRECISIONS, f"sample.precision: {cfg.sample.precision!r} not one of {PRECISIONS}")

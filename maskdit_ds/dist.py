@@ -170,6 +170,16 @@ def all_reduce_async(tensor: torch.Tensor) -> Pending:
     return Pending(t, tdist.all_reduce(t, op=tdist.ReduceOp.SUM, async_op=True))
 
 
+def all_gather_flat(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's equally sized 1-D `tensor`, concatenated in rank order: (world * n,) on the input's device."""
+    if not initialized():
+        return tensor.clone()
+    t = tensor.to(comm_device())
+    parts = [torch.empty_like(t) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(parts, t)
+    return torch.cat(parts).to(tensor.device)
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if any rank passed True (e.g. one rank got the preemption signal)."""
     return bool(all_reduce(torch.tensor([1.0 if flag else 0.0]), op="max").item() > 0)

@@ -5,13 +5,35 @@ Imports only torch (and the timing loop), so config validation, the engine, samp
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
 from .timing import time_calls
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PRECISIONS = ("auto", *DTYPES)
+PRECISIONS = ("auto", *DTYPES)  # sampling and inference: the network's autocast dtype
+
+
+@dataclass(frozen=True)
+class TrainingMode:
+    """What an engine.precision does (docs/method.md §12): the dtype of the module's weights (and so of the
+    residual stream, LayerNorm and adaLN), the dtype of the matmuls, and whether the forward runs under
+    torch.autocast and the loss is scaled (fp16 only). DeepSpeed's optimizer keeps fp32 masters in every mode."""
+
+    weights: str  # "fp32" | "bf16" | "fp16": the module's parameters
+    matmul: str  # the GEMMs' dtype: the rate MFU is measured against
+    autocast: bool  # the forward under torch.autocast(matmul): fp32 weights, half matmuls (the paper's AMP)
+    loss_scaling: bool  # dynamic loss scaling (DeepSpeed's for pure fp16, torch's GradScaler for amp_fp16)
+
+
+TRAINING_MODES = {
+    "amp_fp16": TrainingMode("fp32", "fp16", autocast=True, loss_scaling=True),  # the paper's masked phase
+    "amp_bf16": TrainingMode("fp32", "bf16", autocast=True, loss_scaling=False),
+    "fp16": TrainingMode("fp16", "fp16", autocast=False, loss_scaling=True),  # DeepSpeed's pure half engine
+    "bf16": TrainingMode("bf16", "bf16", autocast=False, loss_scaling=False),
+    "fp32": TrainingMode("fp32", "fp32", autocast=False, loss_scaling=False),
+}
 
 # Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets, per device. "tf32" is the fp32 rate when TF32
 # tensor cores are allowed; "fp32" is the plain CUDA-core rate. Names are matched against
@@ -44,15 +66,17 @@ def native_cpu_bf16() -> tuple[bool, str]:
 
 
 def resolve_precision(requested: str) -> tuple[str, str]:
-    """`auto` -> the fastest precision that trains correctly here, with the reason; anything else is kept."""
+    """`auto` -> the fastest precision that trains correctly here, with the reason; anything else is kept.
+    GPUs get the paper's mixed precision (fp32 weights, autocast matmuls); CPUs a pure engine, since autocast's
+    per-forward weight casts cost more there than the fp32 LayerNorms save."""
     if requested != "auto":
         return requested, "set in the config"
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         name = torch.cuda.get_device_name()
         if major >= 8:
-            return "bf16", f"{name} (compute capability {major}.{minor}) has bf16 tensor cores"
-        return "fp16", f"{name} (compute capability {major}.{minor}) has no bf16 tensor cores"
+            return "amp_bf16", f"{name} (compute capability {major}.{minor}) has bf16 tensor cores"
+        return "amp_fp16", f"{name} (compute capability {major}.{minor}) has no bf16 tensor cores"
     native, why = native_cpu_bf16()
     return ("bf16", why) if native else ("fp32", f"{why}; emulated bf16/fp16 would be far slower than fp32")
 
@@ -68,8 +92,9 @@ def sampling_precision(choice: str) -> str:
     return "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
 
 
-def half_precision_warning(precision: str) -> str | None:
-    """On a CPU without native support for `precision`, the measured cost of asking for it anyway."""
+def half_precision_warning(mode: str) -> str | None:
+    """On a CPU without native support for the mode's matmul dtype, the measured cost of asking for it anyway."""
+    precision = TRAINING_MODES[mode].matmul
     if precision == "fp32" or torch.cuda.is_available():
         return None
     if precision == "bf16" and native_cpu_bf16()[0]:
@@ -77,7 +102,7 @@ def half_precision_warning(precision: str) -> str | None:
     if precision == "fp16" and torch.cpu._is_amx_fp16_supported():
         return None
     fast, slow = gemm_gflops(torch.float32), gemm_gflops(DTYPES[precision])
-    return (f"engine.precision={precision} on a CPU without native {precision} matrix units: {precision} matmuls "
+    return (f"engine.precision={mode} on a CPU without native {precision} matrix units: {precision} matmuls "
             f"measured {fast / slow:.0f}x slower than fp32 here ({slow:.1f} vs {fast:.1f} GFLOP/s); "
             f"engine.precision=auto picks fp32 on this machine")
 
@@ -92,8 +117,10 @@ def gemm_gflops(dtype: torch.dtype, m: int = 256, k: int = 512, n: int = 512, re
 
 
 def gpu_peak_tflops(precision: str, tf32: bool) -> tuple[float, str]:
-    """Dense peak of this GPU for `precision` (fp32 counts TF32 tensor cores only when TF32 is on)."""
+    """Dense peak of this GPU for `precision`, a matmul dtype or a training mode (whose matmul dtype counts);
+    fp32 counts TF32 tensor cores only when TF32 is on."""
     name = torch.cuda.get_device_name()
+    precision = TRAINING_MODES[precision].matmul if precision in TRAINING_MODES else precision
     key = "tf32" if precision == "fp32" and tf32 else precision
     for pattern, peaks in GPU_PEAKS:
         if pattern in name and key in peaks:
@@ -115,4 +142,5 @@ def device_peak_tflops(precision: str, tf32: bool, cpu_shapes, configured: float
         return configured, "configured (metrics.peak_tflops)"
     if torch.cuda.is_available():
         return gpu_peak_tflops(precision, tf32)
-    return cpu_peak_tflops(DTYPES[precision], tuple(cpu_shapes))
+    matmul = TRAINING_MODES[precision].matmul if precision in TRAINING_MODES else precision
+    return cpu_peak_tflops(DTYPES[matmul], tuple(cpu_shapes))

@@ -17,12 +17,9 @@ def mask_ratio_at(ratio: float, schedule: str, progress: float, power: int = 4) 
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, accumulated in the EMA's fp32 parameters.
-
-    Under fp16/bf16 ZeRO the EMA follows the half-precision module copy that every rank holds in full. Following
-    the fp32 masters instead would need an all-gather of the ZeRO partitions every step; the copy's rounding error
-    (2^-11 relative for fp16) is unbiased and averages out over the EMA's 1/(1 - decay) step window.
-    """
+    """ema <- decay * ema + (1 - decay) * model, accumulated in the EMA's fp32 parameters: the EMA of a plain
+    (non-ZeRO) training loop, exact when `model` holds fp32 weights. Training under DeepSpeed follows the fp32
+    masters instead (training/ema.py): the EMA of a rounded half copy is not the EMA of the weights."""
     ema_params, params = list(ema.parameters()), [p.detach() for p in model.parameters()]
     for start in range(0, len(params), 64):  # foreach kernels over groups: few launches, bounded fp32 copies
         chunk = [p.float() for p in params[start:start + 64]]  # no copy when the model is fp32 already

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -13,7 +14,8 @@ from deepspeed.accelerator import get_accelerator
 
 from .. import dist
 from ..config import Config, ds_config_path, grad_accum
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
+from ..hardware import TRAINING_MODES
 
 # DeepSpeed 0.19's ZeRO calls torch's old collective names; torch warns on every rank at the first step. Harmless.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
@@ -51,11 +53,14 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
     if found:
         raise ConfigError(f"engine.ds_config: {path} sets {', '.join(found)}; batch sizes, optimizer, lr and "
                           f"clipping come from the run config (train.*, optim.*), so remove them from the JSON")
-    precision = cfg.engine.precision
-    json_precision = "fp16" if ds.get("fp16", {}).get("enabled") else "bf16" if ds.get("bf16", {}).get("enabled") \
-        else "fp32"
+    precision, json_precision = cfg.engine.precision, ds_precision(ds)
     if json_precision != precision:
         raise ConfigError(f"engine.precision is {precision} but {path} enables {json_precision}")
+    unknown = sorted(set(ds.get(AMP_SCALER_KEY, {})) - set(AMP_SCALER_DEFAULTS))
+    if unknown or (AMP_SCALER_KEY in ds and precision != "amp_fp16"):
+        raise ConfigError(f"engine.ds_config: {path} section {AMP_SCALER_KEY} " + (
+            f"has unknown keys {unknown} (known: {sorted(AMP_SCALER_DEFAULTS)})" if unknown
+            else f"applies to amp_fp16 only, not {precision}"))
     opt = cfg.optim
     ds.update(
         train_batch_size=cfg.train.global_batch,
@@ -67,6 +72,21 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
             **OPTIMIZERS[optimizer_impl(cfg.engine.optimizer)]}},
     )
     return ds
+
+
+AUTOCAST_DTYPES = {"float16": "amp_fp16", "fp16": "amp_fp16", "half": "amp_fp16", "bfloat16": "amp_bf16",
+                   "bf16": "amp_bf16"}  # DeepSpeed's torch_autocast.dtype spellings -> engine.precision
+
+
+def ds_precision(ds: dict) -> str:
+    """The engine.precision that a DeepSpeed config's precision sections amount to."""
+    enabled = [k for k in ("fp16", "bf16", "torch_autocast") if ds.get(k, {}).get("enabled")]
+    if len(enabled) > 1:
+        return " and ".join(enabled)  # never equal to a precision: refused by the caller
+    if enabled == ["torch_autocast"]:
+        dtype = str(ds["torch_autocast"].get("dtype"))
+        return AUTOCAST_DTYPES.get(dtype, f"torch_autocast with dtype {dtype}")
+    return enabled[0] if enabled else "fp32"
 
 
 # engine.optimizer -> DeepSpeed's AdamW parameters. torch's AdamW (ZeRO-supported, so no untested-optimizer
@@ -91,24 +111,47 @@ def compile_enabled(choice: str) -> bool:
     return torch.cuda.is_available() if choice == "auto" else choice == "true"
 
 
+# amp_fp16's loss scaler: torch's GradScaler with these settings, from the ds_config's "amp_grad_scaler" section
+# (engine mechanics, like DeepSpeed's "fp16" section; removed before DeepSpeed sees the config). torch's defaults,
+# which the paper's training used, plus a floor: GradScaler has none, DeepSpeed's fp16 scaler stops at
+# min_loss_scale 1, and below it an overflow is not a too-high scale but a diverged network.
+AMP_SCALER_KEY = "amp_grad_scaler"
+AMP_SCALER_DEFAULTS = {"init_scale": 2.0**16, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                       "min_scale": 1.0}
+
+
+class LossScaleExhausted(TrainingError):
+    """An fp16 step overflowed at the minimum loss scale: the network itself produces non-finite values."""
+
+
 class Engine:
     """Wraps a DeepSpeedEngine: call it like the network, then backward(loss) and step() every micro-batch."""
 
     def __init__(self, net: torch.nn.Module, cfg: Config, world_size: int, load_universal: bool = False):
-        if cfg.engine.precision == "fp32" and torch.cuda.is_available():
+        self.precision, self.mode = cfg.engine.precision, TRAINING_MODES[cfg.engine.precision]
+        if self.mode.matmul == "fp32" and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = cfg.engine.tf32
             torch.backends.cudnn.allow_tf32 = cfg.engine.tf32
-        if cfg.engine.precision == "fp16" and not get_accelerator().is_fp16_supported():
+        if self.precision == "fp16" and not get_accelerator().is_fp16_supported():
             raise ConfigError(f"engine.precision=fp16 is not supported on this {get_accelerator().device_name()} "
-                              "device (DeepSpeed needs native fp16 arithmetic); use auto, bf16 or fp32")
+                              "device (DeepSpeed needs native fp16 arithmetic); use auto, amp_fp16, bf16 or fp32")
         self.config = build_ds_config(cfg, world_size)
+        scaler_settings = self.config.pop(AMP_SCALER_KEY, {})  # ours, not DeepSpeed's
         if load_universal:  # a checkpoint saved with another world size, converted by reshard.py
             self.config["checkpoint"] = {**self.config.get("checkpoint", {}), "load_universal": True}
         if compile_enabled(cfg.engine.compile):
             compile_blocks(net)
         params = [p for p in net.parameters() if p.requires_grad]
         self.ds, _, _, _ = deepspeed.initialize(model=net, model_parameters=params, config=self.config)
-        self.precision = cfg.engine.precision
+        # amp_fp16: torch's GradScaler inside DeepSpeed's ZeRO optimizer (None in every other mode), replaced by
+        # one with the ds_config's settings before its first use (DeepSpeed builds it with torch's defaults)
+        self.scaler, self.min_loss_scale = None, AMP_SCALER_DEFAULTS["min_scale"]
+        if getattr(self.ds.optimizer, "torch_autocast_gradscaler", None) is not None:
+            settings = {**AMP_SCALER_DEFAULTS, **scaler_settings}
+            self.min_loss_scale = settings.pop("min_scale")
+            self.scaler = torch.amp.GradScaler(get_accelerator().device_name(), **settings)
+            self.ds.optimizer.torch_autocast_gradscaler = self.scaler
+        self._no = torch.zeros((), device=dist.device())  # divergence flags without host-to-device copies
 
     def __call__(self, *args, **kwargs):
         return self.ds(*args, **kwargs)
@@ -121,40 +164,100 @@ class Engine:
         self.ds.backward(loss)
 
     def step(self) -> None:
-        self.ds.step()
+        """DeepSpeed's step (the optimizer runs on the last micro-batch of the accumulation). An fp16 overflow
+        skips the update on every rank (the gradient norm that detects it is global); at the minimum loss scale
+        it raises LossScaleExhausted instead."""
+        skipped = self.ds.skipped_steps
+        try:
+            self.ds.step()
+        except Exception as err:  # DeepSpeed's DynamicLossScaler raises a bare Exception at its minimum
+            if "loss scale already at minimum" not in str(err):
+                raise
+            raise LossScaleExhausted(f"fp16 overflow at the minimum loss scale {self.loss_scale:g}") from None
+        if self.scaler is not None and self.ds.skipped_steps > skipped:
+            self._back_off_scaler()
+
+    def _back_off_scaler(self) -> None:
+        """amp_fp16 under ZeRO-2: DeepSpeed 0.19 skips an overflowing step before torch's GradScaler sees it, so
+        the scaler never lowers its scale (every later step would overflow too). Lower it as GradScaler.update
+        does after a found inf (x backoff_factor, growth tracker reset). The host read of the scale happens on
+        overflow steps only."""
+        scaler = self.scaler
+        if scaler.get_scale() <= self.min_loss_scale:
+            raise LossScaleExhausted(f"fp16 overflow at the minimum loss scale {self.min_loss_scale:g}")
+        found_inf = torch.ones(1, device=scaler._scale.device)
+        torch._amp_update_scale_(scaler._scale, scaler._growth_tracker, found_inf, scaler.get_growth_factor(),
+                                 scaler.get_backoff_factor(), scaler.get_growth_interval())
 
     @property
     def skipped_steps(self) -> int:
         return int(self.ds.skipped_steps)
 
-    def grad_norm_finite(self) -> torch.Tensor | None:
-        """1.0 where the last step's global gradient norm was not finite (0-dim, on device, no host sync);
-        None when DeepSpeed did not compute one."""
+    def divergence(self, nonfinite_losses: torch.Tensor, skipped: bool) -> torch.Tensor:
+        """A 0-dim device tensor > 0 when the step just taken diverged: a non-finite loss or global gradient norm,
+        except on a step that fp16 loss scaling skipped as an overflow (not divergence: the scale was lowered,
+        and at the minimum scale step() raised). No host synchronisation: DeepSpeed's norm stays on the device."""
+        if skipped and self.mode.loss_scaling:
+            return self._no
+        bad = nonfinite_losses.float()
         norm = self.ds.get_global_grad_norm()
         if norm is None:
-            return None
-        norm = torch.as_tensor(norm, dtype=torch.float32, device=dist.device())
-        return (~torch.isfinite(norm)).float()
+            return bad
+        if not torch.is_tensor(norm):  # DeepSpeed's float("inf") of an overflow step
+            return bad + (0.0 if math.isfinite(norm) else 1.0)
+        return bad + (~torch.isfinite(norm)).float().to(bad.device)
+
+    def weights_finite(self) -> torch.Tensor:
+        """0-dim device flag, 1 when this rank's fp32 master partitions and module weights are all finite."""
+        tensors = [*(self.master_partitions() or []), *(p.detach() for p in self.ds.module.parameters())]
+        return torch.stack([torch.isfinite(t).all() for t in tensors]).all().float()
 
     @property
     def loss_scale(self) -> float:
+        """The current fp16 loss scale (1 without loss scaling). A host read: for log lines, not every step."""
+        if self.scaler is not None:
+            return float(self.scaler.get_scale())
         scaler = getattr(self.ds.optimizer, "loss_scaler", None)
-        return float(scaler.cur_scale) if scaler is not None and self.precision == "fp16" else 1.0
+        return float(scaler.cur_scale) if scaler is not None and self.mode.loss_scaling else 1.0
+
+    # ------------------------------------------------------------ the fp32 masters, for the EMA
+
+    def master_partitions(self) -> list[torch.Tensor] | None:
+        """This rank's fp32 master weights: ZeRO-2's flat (partition_size,) partition per parameter group, updated
+        in place by every step; None when the optimizer keeps no partitions."""
+        return getattr(self.ds.optimizer, "single_partition_of_fp32_groups", None)
+
+    def partition_layout(self) -> list[dict[str, tuple[int, torch.Size]]]:
+        """Per parameter group: module parameter name -> (offset, shape) in the group's flat buffer. The buffer is
+        world x partition_size long (padded); rank r's master partition covers [r * size, (r + 1) * size)."""
+        opt = self.ds.optimizer
+        names = {id(p): name for name, p in self.ds.module.named_parameters()}
+        layout = []
+        for flat, params in zip(opt.bit16_groups_flat, opt.bit16_groups):  # each param is a view into `flat`
+            base, itemsize = flat.data_ptr(), flat.element_size()
+            layout.append({names[id(p)]: ((p.data_ptr() - base) // itemsize, p.shape) for p in params})
+        return layout
 
     @property
     def lr(self) -> float:
         return float(self.ds.get_lr()[0])
 
     def save(self, ckpt_dir: Path, tag: str) -> None:
-        """Collective: every rank writes its ZeRO partition (rank-0-only saving would hang)."""
-        self.ds.save_checkpoint(str(ckpt_dir), tag=tag)
+        """Collective: every rank writes its ZeRO partition (rank-0-only saving would hang). amp_fp16's GradScaler
+        rides along as client state: DeepSpeed saves only its own loss scaler."""
+        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=self.client_state())
+
+    def client_state(self) -> dict:
+        return {"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {}
 
     def load(self, ckpt_dir: Path, tag: str) -> None:
         with safe_loads():  # DeepSpeed's own files: weights_only, DeepSpeed's types only
-            path, _ = self.ds.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+            path, client = self.ds.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
+        if self.scaler is not None and (client or {}).get("grad_scaler"):
+            self.scaler.load_state_dict(client["grad_scaler"])  # scale and growth tracker, exactly
 
     def full_fp32_state(self) -> dict:
         """Collective: the consolidated fp32 master weights (module names), e.g. to hand over to the next stage."""

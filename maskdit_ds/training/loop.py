@@ -23,14 +23,16 @@ from safetensors.torch import load_file
 from .. import dist, io
 from ..config import Config, DataConfig, LossConfig, ModelConfig, aligns, grad_accum, stages_of
 from ..data import ResumableLoader, build_dataset, teacher_input, to_model_input
-from ..diffusion import MaskedEDMLoss, ema_update, mask_ratio_at
+from ..diffusion import MaskedEDMLoss, mask_ratio_at
 from ..errors import EXIT_PREEMPTED, TrainingError
 from ..hardware import DTYPES, device_peak_tflops, sampling_precision
 from ..model import Masker, build_denoiser, gemm_shapes, get_size, kept_tokens, token_grid, train_flops
+from ..model.align import PREFIX as DENOISER_PREFIX
 from ..model.align import AlignedDenoiser, denoiser_of
 from ..model.teacher import Teacher, load_teacher
 from . import checkpoint as ckpt
-from .engine import Engine, consolidated_fp32_state, init_distributed
+from .ema import MasterEMA
+from .engine import Engine, LossScaleExhausted, consolidated_fp32_state, init_distributed
 from .lifecycle import StopRequest
 from .plan import decide_start, lock_run_dir, prepare, stage_configs
 from .previews import AgreementMonitor, FIDMonitor, final_samples, log_grid
@@ -233,7 +235,8 @@ def run_stage(stage: Stage, run: Run) -> int | None:
     cfg, state, engine = stage.cfg, run.state, stage.engine
     loss_fn = build_loss(cfg.model, cfg.loss, aligned=run.teacher is not None)
     meter = build_meter(cfg)
-    health = Health(cfg.engine.precision, cfg.run_dir / "checkpoints")
+    health = Health(cfg.run_dir / "checkpoints")
+    ema = MasterEMA(run.ema, engine, DENOISER_PREFIX if denoiser_of(engine.module) is not engine.module else "")
     sums, streak, batches = new_sums(), 0, iter(stage.loader)
     accum = grad_accum(cfg, dist.world_size())
 
@@ -242,19 +245,21 @@ def run_stage(stage: Stage, run: Run) -> int | None:
         masker = Masker(cfg.mask.strategy, token_grid(cfg.model), ratio, cfg.mask.block_size)
         teacher = run.teacher if aligning(cfg.loss, state.step) else None
         skipped_before = engine.skipped_steps
-        nonfinite = train_step(engine, batches, loss_fn, masker, teacher, cfg.data, accum, sums)
-        health.push(state.step + 1, nonfinite, run.stop.requested)
+        try:
+            nonfinite = train_step(engine, batches, loss_fn, masker, teacher, cfg.data, accum, sums)
+        except LossScaleExhausted as err:  # on every rank: the overflow is seen in the global gradient norm
+            raise health.failure(state.step + 1, f"{err}; the run diverged") from None
+        skipped = engine.skipped_steps > skipped_before  # fp16 overflow: weights unchanged, scale lowered
+        health.push(state.step + 1, engine.divergence(nonfinite, skipped), run.stop.requested)
         state.step, state.stage_step = state.step + 1, state.stage_step + 1
         state.images_seen += cfg.train.global_batch
         meter.add(cfg.train.global_batch, masker.kept)
-        if engine.skipped_steps > skipped_before:  # fp16 overflow: weights unchanged, scale halved
-            streak += 1
-        else:
-            streak = 0
-            ema_update(run.ema, denoiser_of(engine.module), cfg.train.ema_decay)
+        streak = streak + 1 if skipped else 0
+        if not skipped:
+            ema.update(cfg.train.ema_decay)
         if streak >= cfg.train.max_skipped_streak:
-            raise TrainingError(f"step {state.step}: {streak} consecutive fp16 steps overflowed (loss scale "
-                                f"{engine.loss_scale:g}); the run diverged. Lower optim.lr or use bf16/fp32.")
+            raise health.failure(state.step, f"{streak} consecutive fp16 steps overflowed (loss scale "
+                                              f"{engine.loss_scale:g}); the run diverged")
 
         last = state.stage_step == stage.steps
         run.clock.charge(state)
@@ -262,11 +267,12 @@ def run_stage(stage: Stage, run: Run) -> int | None:
             health.flush()
             log_window(engine, state, sums, ratio, meter, run.logger, stage.loader.epoch)
             sums = new_sums()
-        evaluate(cfg, run)
+        evaluate(cfg, run, ema)
         if state.step % cfg.train.ckpt_every == 0 or last or health.stop:
             health.flush()  # never save after a non-finite step; and every rank agrees on stopping here
+            health.check_weights(state.step, engine, ema)  # nor non-finite weights or EMA
             run.clock.charge(state, agree=True)
-            ckpt.save_checkpoint(cfg, engine, run.ema, state, stage.loader, run.logger.message)
+            ckpt.save_checkpoint(cfg, engine, ema.gather(), state, stage.loader, run.logger.message)
         run.logger.advance()
         if health.stop:
             reasons = [r for r in dist.all_gather_objects(run.stop.reason) if r]
@@ -275,6 +281,7 @@ def run_stage(stage: Stage, run: Run) -> int | None:
             run.stop.exiting()
             return EXIT_PREEMPTED
     health.flush()
+    ema.gather()  # the full EMA network for the next stage and the final samples
     return None
 
 
@@ -284,7 +291,7 @@ def aligning(loss_cfg: LossConfig, step: int) -> bool:
     return loss_cfg.align_weight > 0 and (not loss_cfg.align_until_step or step < loss_cfg.align_until_step)
 
 
-def evaluate(cfg: Config, run: Run) -> None:
+def evaluate(cfg: Config, run: Run, ema: MasterEMA) -> None:
     """Sample grids and in-training quality checks that are due; their time is not charged to device-hours.
     Each quality value is logged with the device-hours and images seen that reached it."""
     step, state = run.state.step, run.state
@@ -292,6 +299,7 @@ def evaluate(cfg: Config, run: Run) -> None:
     grid = cfg.train.grid_every and step % cfg.train.grid_every == 0
     if not due and not grid:
         return
+    ema.gather()  # collective: every rank evaluates (grids on rank 0, samples spread over ranks)
     if grid:
         log_grid(cfg, run.ema, run.logger, step)
     for name in due:  # collective: every rank samples its share
@@ -325,8 +333,8 @@ def new_sums() -> defaultdict:
 def train_step(engine: Engine, batches, loss_fn: MaskedEDMLoss, masker: Masker, teacher: Teacher | None,
                data_cfg: DataConfig, accum: int, sums: dict) -> torch.Tensor:
     """One optimizer step over `accum` micro-batches; adds the per-sample loss parts to `sums` and returns the
-    count of non-finite losses (plus 1 for a non-finite gradient norm) as a 0-dim device tensor. teacher: the
-    frozen encoder whose features of the clean images the step aligns to (None: no alignment this step)."""
+    count of non-finite losses as a 0-dim device tensor. teacher: the frozen encoder whose features of the clean
+    images the step aligns to (None: no alignment this step)."""
     device = dist.device()
     nonfinite = torch.zeros((), device=device)
     for _ in range(accum):  # DeepSpeed applies the optimizer on the last micro-batch
@@ -340,8 +348,7 @@ def train_step(engine: Engine, batches, loss_fn: MaskedEDMLoss, masker: Masker, 
             sums[key] += value.double().sum()
             sums[f"{key}_count"] += value.shape[0]  # "align" is only there on the steps that align
         nonfinite += (~torch.isfinite(loss.detach())).sum()
-    grad_bad = engine.grad_norm_finite()
-    return nonfinite if grad_bad is None else nonfinite + grad_bad
+    return nonfinite
 
 
 def log_window(engine: Engine, state: TrainState, sums: dict, ratio: float, meter: Throughput, logger: RunLogger,
@@ -359,23 +366,22 @@ def log_window(engine: Engine, state: TrainState, sums: dict, ratio: float, mete
 
 
 class Health:
-    """Per step, [non-finite losses or gradient norm, stop requested] summed over ranks without a host sync of its
-    own: each step's all-reduce starts asynchronously and is read one step later (long finished by then), or at
-    once before a checkpoint or a log line, so that no checkpoint is ever written after a non-finite step.
-
-    fp16 steps are not checked for non-finite values: dynamic loss scaling overflows (and skips) on purpose; its
-    runaway is the consecutive-skip limit instead.
+    """Per step, [diverged, stop requested] summed over ranks without a host sync of its own: each step's
+    all-reduce starts asynchronously and is read one step later (long finished by then), or at once before a
+    checkpoint or a log line, so that no checkpoint is ever written after a diverged step. Every precision is
+    checked; what counts as divergence is Engine.divergence's (an fp16 overflow that the scaler skips is not).
     """
 
-    def __init__(self, precision: str, ckpt_dir: Path):
-        self.check_finite, self.ckpt_dir = precision != "fp16", ckpt_dir
+    def __init__(self, ckpt_dir: Path):
+        self.ckpt_dir = ckpt_dir
         self.pending: list[tuple[int, dist.Pending]] = []
         self.stop = False  # some rank asked to stop (seen in a step's reduced flags)
+        self.flags = torch.eye(2, device=dist.device())[:, 1]  # [0., 1.]: a stop flag without a host copy
 
-    def push(self, step: int, nonfinite: torch.Tensor, stop_requested: bool) -> None:
+    def push(self, step: int, diverged: torch.Tensor, stop_requested: bool) -> None:
         """Start step `step`'s reduction; check the previous step's, which has long completed."""
-        stop = torch.tensor(float(stop_requested), device=nonfinite.device)
-        self.pending.append((step, dist.all_reduce_async(torch.stack([nonfinite.float().reshape(()), stop]))))
+        flags = torch.stack([diverged.float().reshape(()), self.flags[int(stop_requested)]])
+        self.pending.append((step, dist.all_reduce_async(flags)))
         while len(self.pending) > 1:
             self._check(*self.pending.pop(0))
 
@@ -385,10 +391,21 @@ class Health:
             self._check(*self.pending.pop(0))
 
     def _check(self, step: int, pending: dist.Pending) -> None:
-        nonfinite, stop = pending.result().tolist()
+        diverged, stop = pending.result().tolist()
         self.stop = self.stop or stop > 0
-        if self.check_finite and nonfinite > 0:
-            tags = ckpt.list_tags(self.ckpt_dir)
-            last = f"the last good checkpoint is {self.ckpt_dir / tags[-1]}" if tags else "no checkpoint was written"
-            raise TrainingError(f"step {step}: non-finite loss or gradient norm on some rank (the run diverged); "
-                                f"nothing was saved after it, and {last}. Lower optim.lr or change precision.")
+        if diverged > 0:
+            raise self.failure(step, "non-finite loss or gradient norm on some rank (the run diverged)")
+
+    def check_weights(self, step: int, engine: Engine, ema: MasterEMA) -> None:
+        """Collective, before a save: every rank's fp32 masters, module weights and EMA partition are finite."""
+        bad = dist.all_reduce(torch.stack([1 - engine.weights_finite(), 1 - ema.finite()])).tolist()
+        if any(bad):
+            what = " and ".join(name for name, n in zip(("weights", "EMA"), bad) if n)
+            raise self.failure(step, f"non-finite {what} before the checkpoint (the run diverged)")
+
+    def failure(self, step: int, what: str) -> TrainingError:
+        """The one-line stop: what happened, and the newest checkpoint that is still good."""
+        tags = ckpt.list_tags(self.ckpt_dir)
+        last = f"the last good checkpoint is {self.ckpt_dir / tags[-1]}" if tags else "no checkpoint was written"
+        return TrainingError(f"step {step}: {what}; nothing was saved after it, and {last}. Lower optim.lr or "
+                             "change engine.precision.")
