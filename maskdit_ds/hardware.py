@@ -49,6 +49,23 @@ GPU_PEAKS = (
 )
 
 
+def describe_mode(name: str) -> str:
+    """One line for --dry-run: which dtype each part of a step runs in, the DeepSpeed section that does it, and
+    where the EMA comes from (docs/method.md §12)."""
+    mode = TRAINING_MODES[name]
+    if mode.autocast:
+        what = (f"fp32 weights; forward under torch.autocast({mode.matmul}): matmuls in {mode.matmul}, LayerNorm, "
+                f"softmax and reductions in fp32; fp32 gradients reduced in fp32 (DeepSpeed section torch_autocast)")
+    elif mode.weights != "fp32":
+        what = (f"the whole module in {mode.weights}, LayerNorm, adaLN and the residual stream included; fp32 "
+                f"masters in the optimizer (DeepSpeed section {mode.weights})")
+    else:
+        what = "fp32 throughout, TF32 matmuls on GPUs when engine.tf32 (no DeepSpeed precision section)"
+    scaling = {"amp_fp16": "; dynamic loss scaling by torch's GradScaler (ds_config section amp_grad_scaler)",
+               "fp16": "; DeepSpeed's dynamic loss scaling (ds_config section fp16)"}.get(name, "")
+    return f"{name}: {what}{scaling}; EMA of the fp32 masters"
+
+
 def native_cpu_bf16() -> tuple[bool, str]:
     """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX), as torch will run them.
 

@@ -12,7 +12,7 @@ import torch
 from .. import dist
 from ..config import load_config, resolve_auto
 from ..diffusion import MaskedEDMLoss
-from ..hardware import DTYPES, device_peak_tflops, sampling_precision
+from ..hardware import DTYPES, TRAINING_MODES, device_peak_tflops, sampling_precision
 from ..model import Masker, build_denoiser, gemm_shapes, get_size, token_grid, train_flops
 from ..model.align import AlignedDenoiser
 from ..model.teacher import load_teacher
@@ -32,16 +32,18 @@ def bench_config(model: str, input_size: int, channels: int, batch: int, precisi
 
 
 class TorchBaseline:
-    """The same step without DeepSpeed: fp32 weights, torch AdamW, autocast for bf16/fp16 (GradScaler for fp16).
-    Quotes what the engine costs or saves against the usual hand-written PyTorch loop."""
+    """The same step without DeepSpeed, as the paper's loop trains: fp32 weights, torch AdamW, torch.autocast in
+    the mode's matmul dtype (bf16/fp16), torch's GradScaler for fp16. Quotes what the engine costs or saves
+    against the usual hand-written PyTorch loop, and is the reference of training/numerics.py."""
 
     def __init__(self, net: torch.nn.Module, lr: float, precision: str):
         self.net = net
         fused = torch.cuda.is_available()
         self.opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                                      fused=fused)
-        self.dtype = None if precision == "fp32" else DTYPES[precision]
-        self.scaler = torch.amp.GradScaler(enabled=precision == "fp16")
+        matmul = TRAINING_MODES[precision].matmul
+        self.dtype = None if matmul == "fp32" else DTYPES[matmul]
+        self.scaler = torch.amp.GradScaler(dist.device().type, enabled=matmul == "fp16")
 
     def __call__(self, *args, **kwargs):
         with torch.autocast(dist.device().type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):

@@ -11,7 +11,7 @@ import yaml
 from .. import dist, io
 from ..config import Config, aligns, grad_accum, resolve_auto, save_config, stage_config, stages_of, validate
 from ..errors import ConfigError, RunDirBusy
-from ..hardware import half_precision_warning
+from ..hardware import describe_mode, half_precision_warning
 from ..model import build_denoiser, get_size, kept_tokens, token_grid, train_flops
 from .checkpoint import choose_start
 from .engine import build_ds_config
@@ -43,6 +43,7 @@ def describe(cfg: Config, world: int) -> str:
             lines.append(f"  alignment: weight {loss.align_weight}{until}; encoder block {loss.align_depth} -> "
                          f"projector (width {loss.align_proj_dim}) -> {loss.align_teacher} features at "
                          f"{loss.align_teacher_resolution} px" if loss.align_weight else "  alignment: off")
+        lines.append(f"  precision {describe_mode(scfg.engine.precision)}")
         lines.append("ds_config: " + json.dumps(build_ds_config(scfg, world)))
     lines.append(f"parameters: {params:,} trainable + {tables:,} in fixed position tables = {params + tables:,}")
     return "\n".join(lines)

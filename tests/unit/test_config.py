@@ -70,7 +70,7 @@ def test_presets_pass_dry_run(preset, world):
 def test_imagenet_presets_follow_the_recipe():
     masked, tune = load_config("imagenet256"), load_config("imagenet256_tune")
     assert (masked.mask.ratio, masked.engine.precision, masked.optim.lr, masked.train.global_batch) == \
-        (0.5, "fp16", 1e-4, 1024)
+        (0.5, "amp_fp16", 1e-4, 1024)
     assert (tune.mask.ratio, tune.engine.precision, tune.optim.lr, tune.train.global_batch) == \
         (0.0, "fp32", 5e-5, 512)
     assert load_config("imagenet512").model.input_size == 64 and masked.train.ema_decay == 0.9999

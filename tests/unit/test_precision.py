@@ -29,7 +29,7 @@ def test_auto_precision_on_cpus(monkeypatch, capability, bf16_units, amx, expect
     assert hardware.resolve_precision("fp16") == ("fp16", "set in the config")
 
 
-@pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 0), "fp16")])
+@pytest.mark.parametrize("capability, expected", [((9, 0), "amp_bf16"), ((8, 0), "amp_bf16"), ((7, 0), "amp_fp16")])
 def test_auto_precision_on_gpus(monkeypatch, capability, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
@@ -55,7 +55,7 @@ def test_auto_is_resolved_in_run_and_stage_config_before_anything_runs(monkeypat
 def test_the_example_and_the_paper_presets_choose_as_documented():
     assert load_config("digits").engine.precision == "auto"
     assert load_config("digits").train.stages[1]["overrides"]["engine.precision"] == "fp32"  # the paper's tuning
-    assert load_config("imagenet256").engine.precision == "fp16"  # the paper's masked phase
+    assert load_config("imagenet256").engine.precision == "amp_fp16"  # the paper's masked phase: AMP fp16
 
 
 def test_emulated_half_precision_warns_with_a_measured_slowdown(monkeypatch):
