@@ -239,6 +239,7 @@ def run_stage(stage: Stage, run: Run) -> int | None:
     ema = MasterEMA(run.ema, engine, DENOISER_PREFIX if denoiser_of(engine.module) is not engine.module else "")
     sums, streak, batches = new_sums(), 0, iter(stage.loader)
     accum = grad_accum(cfg, dist.world_size())
+    save_due = False  # a periodic checkpoint fell on an overflow-skipped step: it waits for an applied one
 
     while state.stage_step < stage.steps:
         ratio = mask_ratio_at(cfg.mask.ratio, cfg.mask.schedule, state.stage_step / stage.steps, cfg.mask.power)
@@ -268,7 +269,12 @@ def run_stage(stage: Stage, run: Run) -> int | None:
             log_window(engine, state, sums, ratio, meter, run.logger, stage.loader.epoch)
             sums = new_sums()
         evaluate(cfg, run, ema)
-        if state.step % cfg.train.ckpt_every == 0 or last or health.stop:
+        save_due = save_due or state.step % cfg.train.ckpt_every == 0
+        # During an fp16 overflow storm every step is skipped and the weights may be the ones that diverged: a
+        # periodic checkpoint waits for a step that trained (every rank sees the same skips), so that pruning never
+        # trades a good tag for one written mid-storm. Stage ends and stop requests save regardless.
+        if (save_due and not skipped) or last or health.stop:
+            save_due = False
             health.flush()  # never save after a non-finite step; and every rank agrees on stopping here
             health.check_weights(state.step, engine, ema)  # nor non-finite weights or EMA
             run.clock.charge(state, agree=True)
