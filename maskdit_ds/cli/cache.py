@@ -19,6 +19,7 @@ from ..data.latent_cache import encode_to_cache, rank_and_world
 from ..data.sources import open_source
 from ..data.vae import load_vae
 from ..errors import StorageError
+from ..hardware import sampling_precision
 
 
 def parse_args(argv=None):
@@ -35,7 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--vae-subfolder", default=None, help="subfolder of --vae holding the VAE (e.g. vae)")
     p.add_argument("--vae-config", default=None, help="diffusers config folder for a single-file --vae "
                    "(default: the built-in SD KL-f8 config)")
-    p.add_argument("--vae-dtype", default="fp16", choices=("fp16", "bf16", "fp32"), help="encoding precision")
+    p.add_argument("--vae-dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
+                   help="encoding precision; auto: bf16 on GPUs that have it (fp16 on older ones), fp32 on CPUs")
     p.add_argument("--moments-dtype", default="float16", choices=("float16", "float32"), help="storage dtype")
     p.add_argument("--flip", action="store_true", help="also store a horizontally flipped copy of every image")
     p.add_argument("--shard-size", type=int, default=4096, help="source images per Arrow shard (the resume unit)")
@@ -59,6 +61,7 @@ def main(argv=None) -> int:
     datasets.disable_progress_bars()  # one bar (ours) per shard write is enough
     rank, world = rank_and_world(args.rank, args.world_size)
     device = str(dist.device()) if args.device == "auto" else args.device
+    args.vae_dtype = sampling_precision(args.vae_dtype)  # what ran is recorded in the cache
     if args.vae_dtype == "fp16" and device == "cpu":
         print("[cache] note: fp16 VAE on CPU is slow or unsupported on some CPUs; consider --vae-dtype fp32", file=sys.stderr)
     source = open_source(args.source, args.split, args.image_column, args.label_column)

@@ -118,12 +118,14 @@ def encode_moments(vae, x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=1)
-def load_decoder(spec: str, device):
+def load_decoder(spec: str, device, precision: str = "fp32"):
     """diffusers AutoencoderKL in eval mode plus its description (sha256 etc.), or (None, None) for pixel models.
-    Cached: sample grids, in-training FID and final samples of one run share one VAE (loaded and hashed once)."""
+    precision: the weights' dtype, the sampler's (sampling_precision: bf16/fp16 on GPUs, fp32 on CPUs or on
+    request). Cached: sample grids, in-training FID and final samples of one run share one VAE (loaded and hashed
+    once)."""
     if not spec:
         return None, None
-    return load_vae(spec, device=device)
+    return load_vae(spec, dtype=precision, device=device)
 
 
 def decode(vae, latents: torch.Tensor, latent_scale: float, batch: int) -> tuple[torch.Tensor, int]:

@@ -249,7 +249,7 @@ def run_generation(model_path, out, gcfg: GenerateConfig, progress: bool = True)
     missing = dist.broadcast_from_main([k for k, count in chunks if not chunk_done(out, k, count)]
                                   if dist.is_main() else None)
     net = load_pretrained(folder, device)
-    vae, vae_info = load_decoder(gcfg.vae, device)
+    vae, vae_info = load_decoder(gcfg.vae, device, gcfg.sampler.precision)  # resolved above
     labels_all = (balanced_labels(n, net.num_classes, gcfg.first_seed) if gcfg.class_mode == "balanced" else None)
 
     model = export_cfg["model"]

@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from ..evaluation import (PT_INCEPTION_SHA256, build_extractor, frechet_distance, gaussian_stats, load_reference_stats,
                           open_images)
 from ..generation.run import autocast, run_generate_config, sample_pixels
+from ..hardware import sampling_precision
 from .stats import RunLogger
 
 
@@ -49,7 +50,7 @@ class Monitor:
     @torch.no_grad()
     def sample(self, ema) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (n, H, W, 3) and their classes (n,) for this rank's seeds."""
-        vae = load_decoder(self.gen.vae, self.device)[0]  # cached: the run's one VAE (None for pixel models)
+        vae = run_vae(self.gen.vae, self.gen.sampler.precision)  # the run's one VAE (None for pixel models)
         was_training = ema.training
         ema.eval()
         images, labels = sample_pixels(ema, self.seeds(), None, self.shape, self.gen, self.device, vae)
@@ -147,13 +148,15 @@ def decode_latents(latents: torch.Tensor, cfg: Config) -> torch.Tensor:
     if not cfg.data.vae:
         x = latents[:, :3].float()
         return (x / x.abs().amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)).clamp(-1, 1)
-    images, _ = decode(grid_vae(cfg.data.vae), latents.float(), cfg.data.latent_scale, batch=len(latents))
+    images, _ = decode(run_vae(cfg.data.vae, cfg.sample.precision), latents.float(), cfg.data.latent_scale,
+                       batch=len(latents))
     return images
 
 
-def grid_vae(spec: str):
-    """The run's VAE for sample grids (load_decoder caches it, so FID and final samples share it)."""
-    return load_decoder(spec, dist.device())[0]
+def run_vae(spec: str, precision: str):
+    """The run's VAE in the sampler's precision (bf16/fp16 on GPUs, fp32 on CPUs; sample.precision=fp32 asks for
+    fp32). load_decoder caches it, so grids, FID and final samples share one."""
+    return load_decoder(spec, dist.device(), sampling_precision(precision))[0]
 
 
 @torch.no_grad()
@@ -166,7 +169,7 @@ def final_samples(cfg: Config, ema, logger: RunLogger, state=None) -> None:
     seeds = list(range(n))[dist.rank() :: dist.world_size()]
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     gcfg = run_generate_config(cfg, batch_size=128)
-    vae = load_decoder(gcfg.vae, dist.device())[0]
+    vae = run_vae(gcfg.vae, gcfg.sampler.precision)
     pixels, labels = sample_pixels(ema, seeds, None, shape, gcfg, dist.device(), vae, progress=dist.is_main())
     parts = dist.gather_to_main((seeds, pixels, labels))  # pixels go to rank 0 only
     if not dist.is_main():
