@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..config import PRECISIONS, LossConfig
+from ..config import ENGINE_PRECISIONS, LossConfig
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -24,7 +24,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--input-size", type=int, default=32, help="latent (or pixel) side, e.g. 32 for 256 px")
     p.add_argument("--channels", type=int, default=4)
     p.add_argument("--batch", type=int, default=16, help="images per step on this device")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+    p.add_argument("--precision", default="auto", choices=ENGINE_PRECISIONS,
                    help="auto: what training would pick on this machine")
     p.add_argument("--ratios", default="0.5,0.0", help="mask ratios to interleave")
     p.add_argument("--strategy", default="random", choices=["random", "block", "crop"], help="mask strategy")
