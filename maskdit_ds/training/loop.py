@@ -48,22 +48,22 @@ def train(cfg: Config) -> int:
 
 
 def train_locked(cfg: Config, stages: tuple[Stage, ...]) -> int:
-    # 1. Where we start, decided (and config.yaml written) before anything else touches the run directory.
+    # 2. Where we start, decided (and config.yaml written) before anything else touches the run directory.
     start = ckpt.decide_start(cfg, stages, dist.world_size())
     seed_everything(cfg.run.seed + dist.rank())  # different masks, noise and label dropout per rank
 
-    # 2. Data (with the source images beside latents when the teacher needs them).
+    # 3. Data (with the source images beside latents when the teacher needs them).
     teacher = build_teacher(cfg) if aligns(stages) else None
     images_at = cfg.loss.align_teacher_resolution if teacher is not None else 0
     dataset = build_dataset(cfg.data, cfg.model, cfg.run.seed, images_at=images_at)
 
-    # 3. Model, EMA (fp32, the denoiser alone), and the starting weights in them.
+    # 4. Model, EMA (fp32, the denoiser alone), and the starting weights in them.
     net = build_module(cfg, teacher)
     ema = copy.deepcopy(denoiser_of(net)).to(dist.device()).eval().requires_grad_(False)
     ckpt.restore(start, net, ema)
     dist.print0(start.describe())
 
-    # 4. Stages.
+    # 5. Stages.
     state, data_state = start.state, start.data_state
     total = state.step - state.stage_step + sum(s.steps for s in stages[state.stage:])
     logger = RunLogger(cfg.run_dir, dist.is_main(), total_steps=total, start_step=state.step)
@@ -82,7 +82,7 @@ def train_locked(cfg: Config, stages: tuple[Stage, ...]) -> int:
             net, data_state = hand_over(active, teacher)
             state.stage, state.stage_step = stage.index + 1, 0
 
-        # 5. Samples from the EMA.
+        # 6. Samples from the EMA.
         final_samples(cfg, ema, logger, state)
         run.stop.exiting()  # the run is complete: a late SLURM signal must not turn exit 0 into 143
         return 0

@@ -193,8 +193,8 @@ def resume_point(tag_dir: Path, stages: typing.Sequence[Stage], world: int) -> S
     from the tag, and the DeepSpeed tag its first engine loads."""
     state_dir, engine_tag, universal = resume_source(tag_dir, world)
     saved = load_rank_state(state_dir, dist.rank())
-    start = Start("resume", TrainState(**saved["train"]), tag_dir, saved["data"], saved["rng"], engine_tag,
-                  universal, world)
+    start = Start("resume", TrainState(**saved["train"]), source=tag_dir, data_state=saved["data"], rng=saved["rng"],
+                  engine_tag=engine_tag, universal=universal, world_size=world)
     state = start.state
     if state.stage_step >= stages[state.stage].steps:
         start.stage_done, start.engine_tag = True, None
@@ -218,7 +218,7 @@ def init_point(cfg: Config) -> Start:
     record = {"checkpoint": str(source), "step": state.step, "ema": "reset" if cfg.train.reset_ema else "continued"}
     if dist.is_main():
         write_lineage(cfg, record)
-    return Start("init_from", state, source, reset_ema=cfg.train.reset_ema, record=record)
+    return Start("init_from", state, source=source, reset_ema=cfg.train.reset_ema, record=record)
 
 
 def init_source(path: Path) -> Path:
