@@ -112,7 +112,9 @@ class EngineConfig:
 
 
 @dataclass
-class StageConfig:
+class StageEntry:
+    """One item of train.stages as the YAML writes it; expand_stages() turns the list into Stages."""
+
     name: str = "stage"
     steps: int = 0  # optimizer steps in this stage
     overrides: dict = field(default_factory=dict)  # dotted keys applied on top of the run config
@@ -133,7 +135,7 @@ class TrainConfig:
     max_skipped_streak: int = 100  # consecutive fp16 overflow-skipped steps that stop the run
     resume: str = "auto"  # auto: from the newest usable checkpoint (stops if checkpoints exist but none is usable) / never: start over, moving the old checkpoints, exports and stats to archive/<time>/
     allow_config_change: list = field(default_factory=list)  # keys (or sections) that may differ from the checkpoint's config on resume although they normally must not
-    stages: list = field(default_factory=list)  # optional list of StageConfig dicts run back to back
+    stages: list = field(default_factory=list)  # optional list of {name, steps, overrides} run back to back
 
 
 @dataclass
@@ -201,6 +203,16 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the run as everything after validation sees it (made only by expand_stages)."""
+
+    index: int  # position in the run (TrainState.stage)
+    name: str
+    steps: int  # optimizer steps in this stage
+    cfg: Config  # the run config with the stage's overrides applied (its train.stages is empty)
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -369,24 +381,30 @@ def resolve_auto(cfg: Config) -> tuple[Config, list[str]]:
     return cfg, notes
 
 
-def stage_config(cfg: Config, stage: StageConfig) -> Config:
-    """The run config with one stage's dotted overrides applied (stages themselves are not nested)."""
-    values = cfg.to_dict()
-    values["train"]["stages"] = []
-    return from_dict(merge(values, nest(stage.overrides)))
-
-
-def stages_of(cfg: Config) -> list[StageConfig]:
+def expand_stages(cfg: Config) -> tuple[Stage, ...]:
+    """The one place stages are built: train.stages (or, without it, one stage "main" of train.steps) with each
+    stage's dotted overrides applied to the run config. Checks what makes a stage list (mappings with known keys,
+    overrides that name config keys, positive step counts); validate() checks each stage's config."""
     if not cfg.train.stages:
-        return [StageConfig(name="main", steps=cfg.train.steps)]
-    stages = []
-    for i, raw in enumerate(cfg.train.stages):
-        stage = StageConfig()
-        if not isinstance(raw, dict):
-            raise ConfigError(f"train.stages[{i}]: expected a mapping, got {raw!r}")
-        _fill(stage, raw, f"train.stages[{i}].")
-        stages.append(stage)
+        stages = (Stage(0, "main", cfg.train.steps, cfg),)
+    else:
+        stages = tuple(_expand_stage(cfg, i, raw) for i, raw in enumerate(cfg.train.stages))
+    _check(all(s.steps > 0 for s in stages), "train.steps (or every train.stages[i].steps) must be positive")
     return stages
+
+
+def _expand_stage(cfg: Config, index: int, raw) -> Stage:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"train.stages[{index}]: expected a mapping, got {raw!r}")
+    entry = StageEntry()
+    _fill(entry, raw, f"train.stages[{index}].")
+    values = cfg.to_dict()
+    values["train"]["stages"] = []  # stages are not nested
+    try:
+        stage_cfg = from_dict(merge(values, nest(entry.overrides)))
+    except ConfigError as err:
+        raise ConfigError(f"train.stages[{index}] ({entry.name}): {err}") from None
+    return Stage(index, entry.name, entry.steps, stage_cfg)
 
 
 # ---------------------------------------------------------------- validation
@@ -473,15 +491,14 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, _stage:
                f"digits (data.source=digits), not data.source={d.source}; use eval.fid_every")
         _check(cfg.eval.agreement_samples > 0,
                f"eval.agreement_samples: {cfg.eval.agreement_samples} must be positive")
-    stages = stages_of(cfg)
-    _check(all(s.steps > 0 for s in stages), "train.steps (or every train.stages[i].steps) must be positive")
+    stages = expand_stages(cfg)
     if cfg.train.stages:
-        for i, stage in enumerate(stages):
+        for stage in stages:
             try:
-                warnings += validate(stage_config(cfg, stage), world_size, check_paths, _stage=True)
+                warnings += validate(stage.cfg, world_size, check_paths, _stage=True)
             except ConfigError as err:
-                raise ConfigError(f"train.stages[{i}] ({stage.name}): {err}") from None
-        check_stage_alignment(cfg)
+                raise ConfigError(f"train.stages[{stage.index}] ({stage.name}): {err}") from None
+        check_stage_alignment(cfg, stages)
     if not _stage:
         warnings += ema_warnings(cfg, sum(s.steps for s in stages))
     return sorted(set(warnings))
@@ -505,20 +522,18 @@ def check_alignment(loss: LossConfig, model_name: str, size) -> None:
     _check(bool(loss.align_teacher), "loss.align_teacher: required when loss.align_weight > 0")
 
 
-def check_stage_alignment(cfg: Config) -> None:
-    for i, stage in enumerate(stages_of(cfg)):
-        changed = [f"loss.{k}" for k in ALIGN_RUN_KEYS
-                   if getattr(stage_config(cfg, stage).loss, k) != getattr(cfg.loss, k)]
-        _check(not changed, f"train.stages[{i}] ({stage.name}): {', '.join(changed)} shape the projector and "
-               "must be set for the whole run, not per stage (a stage may set loss.align_weight and "
+def check_stage_alignment(cfg: Config, stages: typing.Sequence[Stage]) -> None:
+    for stage in stages:
+        changed = [f"loss.{k}" for k in ALIGN_RUN_KEYS if getattr(stage.cfg.loss, k) != getattr(cfg.loss, k)]
+        _check(not changed, f"train.stages[{stage.index}] ({stage.name}): {', '.join(changed)} shape the projector "
+               "and must be set for the whole run, not per stage (a stage may set loss.align_weight and "
                "loss.align_until_step)")
 
 
-def aligns(cfg: Config) -> bool:
+def aligns(stages: typing.Sequence[Stage]) -> bool:
     """Whether any stage of the run trains with the alignment term: then the trained module carries the
     projector in every stage (kept, with a zero term, where a stage or align_until_step switches it off)."""
-    return any(stage_config(cfg, s).loss.align_weight > 0 for s in stages_of(cfg)) if cfg.train.stages \
-        else cfg.loss.align_weight > 0
+    return any(stage.cfg.loss.align_weight > 0 for stage in stages)
 
 
 # What a resume must not change: the model, the data it learns from, its randomness and its objective. A

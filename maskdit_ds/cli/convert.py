@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         elif args.command == "push":
             convert.push_to_hub(args.folder, args.repo_id, args.private, args.token)
         elif args.command == "reshard":
-            from ..training.reshard import reshard  # imports deepspeed: only for this command
+            from ..training.checkpoint.reshard import reshard  # imports deepspeed: only for this command
 
             reshard(args.tag_dir, args.world_size, args.workers)
     except (convert.ConversionError, ReshardError, FileNotFoundError) as err:

@@ -51,7 +51,7 @@ def convert_zero(tag_dir: Path, out: Path, weights: str = "ema") -> list[Path]:
     written = []
     for kind in kinds:
         if kind == "ema":
-            state = load_file(str(tag_dir / "ema.safetensors"))
+            state = load_file(str(tag_dir / ckpt.EMA_FILE))
         else:
             state = denoiser_state(consolidated_fp32_state(tag_dir))  # an aligned run's projector is dropped
         check_state(state, expected, f"{tag_dir} ({kind} weights)")

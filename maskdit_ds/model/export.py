@@ -17,7 +17,7 @@ from ..io import atomic_path, atomic_save_safetensors, atomic_write_text, storag
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
-EXPORT_PREFIX = "step_"
+STEP_PREFIX = "step_"  # checkpoint tags and exports are both named step_XXXXXXX
 
 
 def export(folder: Path, net: torch.nn.Module, model_cfg, meta: dict) -> Path:
@@ -37,13 +37,24 @@ def export_state(folder: Path, state: dict, model_cfg, meta: dict) -> Path:
     return folder
 
 
-def list_exports(run_dir: Path) -> list[Path]:
-    """<run_dir>/export/step_XXXXXXX folders, oldest first (temporaries excluded)."""
-    folder = Path(run_dir) / "export"
-    if not folder.is_dir():
+def step_name(step: int) -> str:
+    """The folder name of a checkpoint tag or an export saved after `step` optimizer steps."""
+    return f"{STEP_PREFIX}{step:07d}"
+
+
+def step_of(name: str) -> int:
+    return int(name[len(STEP_PREFIX):])
+
+
+def step_folders(parent: Path) -> list[Path]:
+    """The step_XXXXXXX folders in `parent` (a run's checkpoints/ or export/), oldest first; temporaries (a
+    killed write's step_XXXXXXX.tmpNNN) and other names are left out."""
+    parent = Path(parent)
+    if not parent.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(EXPORT_PREFIX)
-                  and p.name[len(EXPORT_PREFIX):].isdigit())
+    folders = [p for p in parent.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+               and p.name[len(STEP_PREFIX):].isdigit()]
+    return sorted(folders, key=lambda p: step_of(p.name))
 
 
 def find_export(path: Path) -> Path:
@@ -51,7 +62,8 @@ def find_export(path: Path) -> Path:
     path = Path(path)
     if (path / EXPORT_CONFIG).is_file() and (path / EXPORT_WEIGHTS).is_file():
         return path
-    exports = [e for e in list_exports(path) if (e / EXPORT_WEIGHTS).is_file() and (e / EXPORT_CONFIG).is_file()]
+    exports = [e for e in step_folders(path / "export")
+               if (e / EXPORT_WEIGHTS).is_file() and (e / EXPORT_CONFIG).is_file()]
     if not exports:
         raise FileNotFoundError(f"{path}: neither an export folder (config.json + model.safetensors) "
                                 f"nor a run directory with export/step_* folders")

@@ -1,27 +1,26 @@
 """The training run, top to bottom: MaskDiT's masked phase and unmasked tuning (docs/method.md §4) in stages.
 
 Every rank runs train(cfg):
-  1. the plan: auto precision, validation, the run-directory lock, where to start, config.yaml   (plan.py)
-  2. the data                                                                                     (data/)
-  3. the model (with REPA's projector when the run aligns, and the frozen teacher), its fp32 EMA, and the
-     starting point: a resume, train.init_from, or fresh                                          (checkpoint.py)
-  4. the stages: a new DeepSpeed engine at each boundary (precision, optimizer and lr may change; EMA, step
+  1. the plan: auto precision, validation, the stages, the run-directory lock                   (plan.py)
+  2. where to start, with what: fresh, a resume, or train.init_from; config.yaml                 (checkpoint/)
+  3. the data                                                                                     (data/)
+  4. the model (with REPA's projector when the run aligns, and the frozen teacher), its fp32 EMA, and the
+     starting weights in them                                                                     (checkpoint/)
+  5. the stages: a new DeepSpeed engine at each boundary (precision, optimizer and lr may change; EMA, step
      count and data position continue), each driving the step loop run_stage()
-  5. samples from the EMA                                                                         (previews.py)
+  6. samples from the EMA                                                                         (previews.py)
 """
 from __future__ import annotations
 
 import copy
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from .. import dist, io
-from ..config import Config, DataConfig, LossConfig, ModelConfig, aligns, grad_accum, stages_of
+from .. import dist
+from ..config import Config, DataConfig, LossConfig, ModelConfig, Stage, aligns, grad_accum
 from ..data import ResumableLoader, build_dataset, teacher_input, to_model_input
 from ..diffusion import MaskedEDMLoss, mask_ratio_at
 from ..errors import EXIT_PREEMPTED, TrainingError
@@ -32,60 +31,60 @@ from ..model.align import AlignedDenoiser, denoiser_of
 from ..model.teacher import Teacher, load_teacher
 from . import checkpoint as ckpt
 from .ema import MasterEMA
-from .engine import Engine, LossScaleExhausted, consolidated_fp32_state, init_distributed
+from .engine import Engine, LossScaleExhausted, init_distributed
 from .lifecycle import StopRequest
-from .plan import decide_start, lock_run_dir, prepare, stage_configs
+from .plan import lock_run_dir, prepare
 from .previews import AgreementMonitor, FIDMonitor, final_samples, log_grid
-from .reshard import resume_source
-from .state import TrainState, seed_everything, set_rng_state
+from .state import TrainState, seed_everything
 from .stats import DeviceClock, RunLogger, Throughput
 
 
 def train(cfg: Config) -> int:
     init_distributed()
-    cfg = prepare(cfg, dist.world_size())
+    cfg, stages = prepare(cfg, dist.world_size())
     lock = lock_run_dir(cfg)
     try:
-        return train_locked(cfg)
+        return train_locked(cfg, stages)
     finally:
         lock.release()
 
 
-def train_locked(cfg: Config) -> int:
-    # 1. The starting point is decided (and config.yaml written) before anything else touches the run directory.
-    resume = decide_start(cfg, dist.world_size())
+def train_locked(cfg: Config, stages: tuple[Stage, ...]) -> int:
+    # 2. Where we start, decided (and config.yaml written) before anything else touches the run directory.
+    start = ckpt.decide_start(cfg, stages, dist.world_size())
     seed_everything(cfg.run.seed + dist.rank())  # different masks, noise and label dropout per rank
 
-    # 2. Data (with the source images beside latents when the teacher needs them).
-    teacher = build_teacher(cfg) if aligns(cfg) else None
+    # 3. Data (with the source images beside latents when the teacher needs them).
+    teacher = build_teacher(cfg) if aligns(stages) else None
     images_at = cfg.loss.align_teacher_resolution if teacher is not None else 0
     dataset = build_dataset(cfg.data, cfg.model, cfg.run.seed, images_at=images_at)
 
-    # 3. Model, EMA (fp32, the denoiser alone), and where we start from.
+    # 4. Model, EMA (fp32, the denoiser alone), and the starting weights in them.
     net = build_module(cfg, teacher)
     ema = copy.deepcopy(denoiser_of(net)).to(dist.device()).eval().requires_grad_(False)
-    start = starting_point(cfg, resume, net, ema)
+    ckpt.restore(start, net, ema)
+    dist.print0(start.describe())
 
-    # 4. Stages.
-    stages, state = stages_of(cfg), start.state
+    # 5. Stages.
+    state, data_state = start.state, start.data_state
     total = state.step - state.stage_step + sum(s.steps for s in stages[state.stage:])
     logger = RunLogger(cfg.run_dir, dist.is_main(), total_steps=total, start_step=state.step)
     try:  # the progress bar closes (ends its line) however the run ends
         # the FID monitor fails on every rank, before training, if its weights or reference are wrong
         run = Run(ema, state, logger, StopRequest(say=dist.print0), build_monitors(cfg), teacher,
                   DeviceClock(dist.world_size()))
-        for index in range(state.stage, len(stages)):
-            stage = build_stage(stage_configs(cfg)[index], stages[index], index, dataset, start, logger.message)
-            code = run_stage(stage, run)
+        for stage in stages[state.stage:]:
+            active = build_stage(stage, dataset, net, data_state, start, logger.message)
+            code = run_stage(active, run)
             if code is not None:
                 return code
-            if index + 1 == len(stages):
-                stage.engine.release()  # nothing to hand over after the last stage
+            if stage.index + 1 == len(stages):
+                active.engine.release()  # nothing to hand over after the last stage
                 break
-            start.net, start.data_state = hand_over(stage, teacher)
-            state.stage, state.stage_step = index + 1, 0
+            net, data_state = hand_over(active, teacher)
+            state.stage, state.stage_step = stage.index + 1, 0
 
-        # 5. Samples from the EMA.
+        # 6. Samples from the EMA.
         final_samples(cfg, ema, logger, state)
         run.stop.exiting()  # the run is complete: a late SLURM signal must not turn exit 0 into 143
         return 0
@@ -124,68 +123,14 @@ def build_monitors(cfg: Config) -> dict:
     return monitors
 
 
-# ---------------------------------------------------------------- where the stages pick up
-
-
-@dataclass
-class Start:
-    """The weights to train (net), the counters, the data position, and DeepSpeed state for the first engine."""
-
-    net: torch.nn.Module
-    state: TrainState
-    data_state: dict | None = None
-    rank_state: dict | None = None  # a resumed tag's per-rank state (RNG) while its DeepSpeed state is pending
-    ds_tag: str | None = None  # the tag (relative to checkpoints/) the first engine loads
-    universal: bool = False  # that tag is a universal checkpoint (saved on another world size)
-
-
-def starting_point(cfg: Config, resume: str | None, net, ema) -> Start:
-    """A resume of `resume` (the EMA loaded here, DeepSpeed state by the first stage's engine), train.init_from,
-    or the fresh network."""
-    start = Start(net, TrainState())
-    if resume:
-        tag_dir = cfg.run_dir / "checkpoints" / resume
-        # Saved on another world size: rank 0 makes <tag>/universal (DeepSpeed universal checkpoint + per-rank
-        # states for this world size) once; every rank then loads from there.
-        state_dir, start.ds_tag, start.universal = resume_source(tag_dir, dist.world_size())
-        start.rank_state = ckpt.load_rank_state(state_dir, dist.rank())
-        start.state, start.data_state = TrainState(**start.rank_state["train"]), start.rank_state["data"]
-        ema.load_state_dict(load_file(str(tag_dir / ckpt.EMA_FILE)))
-        dist.print0(f"[resume] from {tag_dir} (step {start.state.step}, stage {start.state.stage})"
-                    + (f", resharded to {dist.world_size()} ranks via {state_dir}" if start.universal else ""))
-        if start.state.stage_step >= stages_of(cfg)[start.state.stage].steps:
-            skip_finished_stage(cfg, start, tag_dir)
-    elif cfg.train.init_from:
-        record = ckpt.init_from(Path(cfg.train.init_from), denoiser_of(net), ema, start.state, cfg.train.reset_ema,
-                                dist.print0)
-        if dist.is_main():
-            io.atomic_write_text(cfg.run_dir / "lineage.json", json.dumps({**ckpt.lineage(cfg), **record}, indent=2))
-        dist.print0(f"[init] {record}")
-    return start
-
-
-def skip_finished_stage(cfg: Config, start: Start, tag_dir: Path) -> None:
-    """A tag saved at the end of a stage: the next stage starts from its fp32 masters with a new engine, exactly
-    as an uninterrupted run hands over (same weights, same RNG); a finished run trains nothing."""
-    start.net.load_state_dict(consolidated_fp32_state(tag_dir))
-    set_rng_state(start.rank_state["rng"])
-    start.rank_state, start.ds_tag = None, None
-    start.state.stage, start.state.stage_step = start.state.stage + 1, 0
-    if start.state.stage == len(stages_of(cfg)):
-        dist.print0(f"[resume] training already finished at step {start.state.step}; nothing left to train")
-
-
 # ---------------------------------------------------------------- one stage
 
 
-@dataclass
-class Stage:
-    """One stage as the step loop sees it: its config, its length, and the engine and loader built for it."""
+@dataclass(frozen=True)
+class StageRun(Stage):
+    """One stage as the step loop sees it: the stage (index, name, steps, config) and the engine and loader built
+    for it."""
 
-    cfg: Config
-    index: int
-    name: str
-    steps: int
     engine: Engine
     loader: ResumableLoader
 
@@ -203,24 +148,22 @@ class Run:
     clock: DeviceClock
 
 
-def build_stage(cfg: Config, plan, index: int, dataset, start: Start, say) -> Stage:
+def build_stage(stage: Stage, dataset, net: torch.nn.Module, data_state: dict | None, start: ckpt.Start,
+                say) -> StageRun:
     """The stage's loader (at the carried data position) and engine (with a resumed tag's DeepSpeed state)."""
+    cfg = stage.cfg
     loader = ResumableLoader(dataset, cfg.train.micro_batch, dist.rank(), dist.world_size(), cfg.run.seed,
                              num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
-    if start.data_state:
-        loader.load_state_dict(start.data_state)
-    engine = Engine(start.net.to(dist.device()), cfg, dist.world_size(),
-                    load_universal=start.universal and start.ds_tag is not None)
-    if start.ds_tag is not None:  # only the stage we resumed in loads DeepSpeed state
-        engine.load(cfg.run_dir / "checkpoints", start.ds_tag)
-        set_rng_state(start.rank_state["rng"])
-        start.rank_state, start.ds_tag = None, None
-    say(f"[stage {index}] {plan.name}: {plan.steps} steps, {cfg.engine.precision}, mask ratio {cfg.mask.ratio}, "
-        f"lr {cfg.optim.lr}")
-    return Stage(cfg, index, plan.name, plan.steps, engine, loader)
+    if data_state:
+        loader.load_state_dict(data_state)
+    engine = Engine(net.to(dist.device()), cfg, dist.world_size(), load_universal=start.loads_universal)
+    ckpt.load_engine_state(start, engine)  # only the stage we resumed in loads DeepSpeed state
+    say(f"[stage {stage.index}] {stage.name}: {stage.steps} steps, {cfg.engine.precision}, mask ratio "
+        f"{cfg.mask.ratio}, lr {cfg.optim.lr}")
+    return StageRun(stage.index, stage.name, stage.steps, cfg, engine, loader)
 
 
-def hand_over(stage: Stage, teacher: Teacher | None) -> tuple[torch.nn.Module, dict]:
+def hand_over(stage: StageRun, teacher: Teacher | None) -> tuple[torch.nn.Module, dict]:
     """The fp32 masters in a fresh network for the next stage's engine, and the data position."""
     weights = stage.engine.full_fp32_state()
     stage.engine.release()
@@ -230,7 +173,7 @@ def hand_over(stage: Stage, teacher: Teacher | None) -> tuple[torch.nn.Module, d
     return net, stage.loader.state_dict()
 
 
-def run_stage(stage: Stage, run: Run) -> int | None:
+def run_stage(stage: StageRun, run: Run) -> int | None:
     """Train until the stage has its steps. Returns EXIT_PREEMPTED if stopped by a signal or the launcher."""
     cfg, state, engine = stage.cfg, run.state, stage.engine
     loss_fn = build_loss(cfg.model, cfg.loss, aligned=run.teacher is not None)

@@ -8,7 +8,7 @@ import torch
 import ckpt_helpers as _ckpt_helpers
 import launch as _launch
 from maskdit_ds.training import checkpoint as ckpt
-from maskdit_ds.training.reshard import ReshardError, reshard, reshard_rank_states
+from maskdit_ds.training.checkpoint.reshard import ReshardError, reshard, reshard_rank_states
 
 
 def rank_state(position, rng, epoch=3, step=7):

@@ -12,6 +12,7 @@ import torch
 
 import ckpt_helpers as _ckpt_helpers
 import launch as _launch
+from maskdit_ds.model.export import EXPORT_WEIGHTS, step_folders
 from maskdit_ds.training import checkpoint as ckpt
 from maskdit_ds.training.engine import safe_loads, unsafe_file
 
@@ -95,7 +96,7 @@ def test_tampered_export_cannot_run_code(tmp_path):
     export = tmp_path / "export"
     shutil.copytree(_ckpt_helpers.trained_run() / "export" / "step_0000002", export)
     marker = tmp_path / "pwned"
-    torch.save({"w": RunsAShellCommand(marker)}, export / ckpt.EXPORT_WEIGHTS)
+    torch.save({"w": RunsAShellCommand(marker)}, export / EXPORT_WEIGHTS)
     with pytest.raises(Exception):
         maskdit_ds.load_pretrained(export)
     assert not marker.exists()
@@ -176,13 +177,13 @@ def test_resume_with_another_model_or_data_is_refused_with_a_diff(tmp_path):
 
 NO_SPACE = r"""
 import errno, sys
-import maskdit_ds.training.checkpoint as ckpt
-real = ckpt.save_rank_state
+import maskdit_ds.training.checkpoint.tags as tags
+real = tags.save_rank_state
 def full_disk(tag_dir, rank, state):  # the disk fills up during the second checkpoint
     if state["train"]["step"] >= 4:
         raise OSError(errno.ENOSPC, "No space left on device", str(tag_dir))
     real(tag_dir, rank, state)
-ckpt.save_rank_state = full_disk
+tags.save_rank_state = full_disk
 from maskdit_ds.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -209,7 +210,7 @@ def test_stale_temporaries_are_cleaned_and_never_pruned_as_exports(tmp_path):
     (run / "checkpoints" / "step_0000002").mkdir(parents=True)
     (run / "checkpoints" / "step_0000002" / "ema.safetensors.tmp99").write_text("x")
     (run / "config.tmp").write_text("kept: not ours")
-    assert [p.name for p in ckpt.list_exports(run)] == ["step_0000002"]
+    assert [p.name for p in step_folders(run / "export")] == ["step_0000002"]
     removed = ckpt.clean_stale_temporaries(run)
     assert sorted(p.name for p in removed) == ["ema.safetensors.tmp99", "step_0000004.tmp1234"]
     assert (run / "config.tmp").exists() and (run / "export" / "step_0000002").exists()

@@ -2,17 +2,18 @@
 and per-stage switching limited to what a stage may change."""
 import pytest
 
-from maskdit_ds.config import aligns, load_config, resolve_auto, stage_config, stages_of, validate
+from maskdit_ds.config import aligns, expand_stages, load_config, resolve_auto, validate
 from maskdit_ds.errors import ConfigError
 
 
 def test_off_by_default_with_repas_constants_as_the_preset():
-    assert not aligns(load_config("digits")) and not aligns(load_config("imagenet256_staged"))
+    assert not aligns(expand_stages(load_config("digits")))
+    assert not aligns(expand_stages(load_config("imagenet256_staged")))
     cfg = load_config("imagenet256_aligned")
     loss = cfg.loss
-    assert aligns(cfg) and (loss.align_weight, loss.align_depth, loss.align_proj_dim) == (0.5, 8, 2048)
+    assert aligns(expand_stages(cfg)) and (loss.align_weight, loss.align_depth, loss.align_proj_dim) == (0.5, 8, 2048)
     assert (loss.align_teacher, loss.align_teacher_resolution) == ("facebook/dinov2-base", 224)
-    masked, tuning = (stage_config(cfg, s).loss.align_weight for s in stages_of(cfg))
+    masked, tuning = (stage.cfg.loss.align_weight for stage in expand_stages(cfg))
     assert (masked, tuning) == (0.5, 0.0)  # aligned masked phase, unmasked tuning without it
     validate(resolve_auto(cfg)[0], 8, check_paths=False)
 
@@ -32,7 +33,7 @@ def test_bad_alignment_values_name_the_key(override, message):
 
 def test_a_run_aligns_when_any_stage_does():
     cfg = load_config("digits", ["train.stages.0.overrides={loss.align_weight: 0.5}", "loss.align_depth=2"])
-    assert aligns(cfg)
+    assert aligns(expand_stages(cfg))
     validate(resolve_auto(cfg)[0])  # the run-level depth 2 is checked in the aligned stage
 
 

@@ -14,17 +14,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .. import dist, io
-from ..errors import ReshardError
-from . import checkpoint as ckpt
+from ... import dist, io
+from ...errors import ReshardError
+from . import tags
 
 UNIVERSAL = "universal"  # subfolder of a tag; the DeepSpeed tag to load is f"{tag}/universal"
 
 
 def saved_world_size(tag_dir: Path) -> int:
-    manifest = json.loads((Path(tag_dir) / ckpt.MANIFEST).read_text())
+    manifest = json.loads((Path(tag_dir) / tags.MANIFEST).read_text())
     if "world_size" not in manifest:
-        raise ReshardError(f"{tag_dir}/{ckpt.MANIFEST} does not record the world size it was saved with")
+        raise ReshardError(f"{tag_dir}/{tags.MANIFEST} does not record the world size it was saved with")
     return int(manifest["world_size"])
 
 
@@ -55,7 +55,7 @@ def reshard_rank_states(old: list[dict], world_size: int) -> list[dict]:
 def to_universal(tag_dir: Path, out: Path, workers: int = 1, timeout: float | None = None) -> None:
     """DeepSpeed's ds_to_universal (run as a subprocess, through engine.py's safe entry), into a temp folder
     renamed into place. --inject_missing_state: our engine does not record universal_checkpoint_info."""
-    home = str(Path(__file__).resolve().parents[2])  # this maskdit_ds, installed or not
+    home = str(Path(__file__).resolve().parents[3])  # the folder holding this maskdit_ds, installed or not
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")]))}
     with io.atomic_path(out) as tmp:
         args = ["--input_folder", str(tag_dir), "--output_folder", str(tmp), "--inject_missing_state",
@@ -76,29 +76,28 @@ def reshard(tag_dir: Path, world_size: int, workers: int = 1) -> Path:
     """<tag>/universal/: the universal checkpoint (made once per tag) + train_state_rankNNN.pt for M ranks +
     complete.json (world_size M, source_world_size N). Returns that folder."""
     tag_dir = Path(tag_dir)
-    problem = ckpt.check_tag(tag_dir)
+    problem = tags.check_tag(tag_dir)
     if problem:
         raise ReshardError(f"{tag_dir} is not a complete checkpoint: {problem}")
     old_world = saved_world_size(tag_dir)
-    old = [ckpt.load_rank_state(tag_dir, r) for r in range(old_world)]
+    old = [tags.load_rank_state(tag_dir, r) for r in range(old_world)]
     new = reshard_rank_states(old, world_size)
     out = tag_dir / UNIVERSAL
     if not (out / "zero").is_dir() or not (out / "mp_rank_00_model_states.pt").is_file():
         to_universal(tag_dir, out, workers)
-    (out / ckpt.MANIFEST).unlink(missing_ok=True)  # incomplete until the new states are written
+    (out / tags.MANIFEST).unlink(missing_ok=True)  # incomplete until the new states are written
     for stale in out.glob("train_state_rank*.pt"):
         stale.unlink()
     for rank, state in enumerate(new):
-        ckpt.save_rank_state(out, rank, state)
+        tags.save_rank_state(out, rank, state)
     # Sizes only: resume_source checks this folder with check_tag(out), which reads no hashes, and hashing a
     # universal checkpoint (GBs) would only delay the resume.
-    ckpt.write_manifest(out, {"step": new[0]["train"]["step"], "world_size": world_size,
+    tags.write_manifest(out, {"step": new[0]["train"]["step"], "world_size": world_size,
                               "source_world_size": old_world}, hashes=False)
     info = new[0]["reshard"]
-    print(f"[reshard] {tag_dir} ({old_world} ranks) -> {out} for {world_size} ranks: step "
+    dist.print0(f"[reshard] {tag_dir} ({old_world} ranks) -> {out} for {world_size} ranks: step "
           f"{new[0]['train']['step']}, {info['samples_consumed']} samples consumed this epoch, new per-rank "
-          f"position {new[0]['data']['position']} ({info['samples_repeated']} samples will be seen again)",
-          flush=True)
+          f"position {new[0]['data']['position']} ({info['samples_repeated']} samples will be seen again)")
     return out
 
 
@@ -111,7 +110,7 @@ def resume_source(tag_dir: Path, world_size: int) -> tuple[Path, str, bool]:
         return tag_dir, tag_dir.name, False
     out = tag_dir / UNIVERSAL
     if dist.is_main():
-        ready = ckpt.check_tag(out) is None and saved_world_size(out) == world_size
+        ready = tags.check_tag(out) is None and saved_world_size(out) == world_size
         if not ready:
             reshard(tag_dir, world_size)
     dist.long_barrier()  # resharding an XL/2 checkpoint can outlast the training group's timeout
