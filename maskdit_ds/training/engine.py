@@ -14,6 +14,7 @@ from deepspeed.accelerator import get_accelerator
 from .. import dist
 from ..config import Config, ds_config_path, grad_accum
 from ..errors import ConfigError
+from ..optimizers import OPTIMIZERS
 
 # DeepSpeed 0.19's ZeRO calls torch's old collective names; torch warns on every rank at the first step. Harmless.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
@@ -67,16 +68,6 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
             **OPTIMIZERS[optimizer_impl(cfg.engine.optimizer)]}},
     )
     return ds
-
-
-# engine.optimizer -> DeepSpeed's AdamW parameters. torch's AdamW (ZeRO-supported, so no untested-optimizer
-# switch) needs no build; DeepSpeed's FusedAdam JIT-compiles CUDA code on first use (nvcc + ninja on every node,
-# 1-2 minutes per fresh node).
-OPTIMIZERS = {
-    "torch_fused": {"torch_adam": True, "fused": True},  # one fused kernel per step (CUDA; also CPU in torch 2.4+)
-    "torch": {"torch_adam": True},  # torch's foreach implementation
-    "deepspeed_fused": {},  # DeepSpeed FusedAdam (JIT build)
-}
 
 
 def optimizer_impl(choice: str) -> str:

@@ -12,7 +12,7 @@ from .. import dist, io
 from ..config import Config, aligns, grad_accum, resolve_auto, save_config, stage_config, stages_of, validate
 from ..errors import ConfigError, RunDirBusy
 from ..hardware import half_precision_warning
-from ..model import build_denoiser, get_size, kept_tokens, token_grid, train_flops
+from ..model import build_denoiser, get_size, kept_tokens, position_tables, token_grid, train_flops
 from .checkpoint import choose_start
 from .engine import build_ds_config
 from .lifecycle import RunLock
@@ -27,9 +27,8 @@ def describe(cfg: Config, world: int) -> str:
     """What --dry-run prints: config, final DeepSpeed config per stage, parameter count, FLOPs per image."""
     with torch.device("meta"):
         net = build_denoiser(cfg.model)
-    m = net.model
     params = sum(p.numel() for p in net.parameters())
-    tables = m.pos_embed.table.numel() + m.decoder_pos_embed.table.numel()
+    tables = sum(table.numel() for table in position_tables(net))
     lines = [f"run dir: {cfg.run_dir}", f"world size: {world}", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip()]
     for i, (stage, scfg) in enumerate(zip(stages_of(cfg), stage_configs(cfg))):
         kept = kept_tokens(scfg.mask.strategy, token_grid(scfg.model), scfg.mask.ratio)

@@ -29,7 +29,7 @@ def test_heun_uses_79_network_calls_and_euler_40():
     edm_sample(net, torch.randn(2, 1, 4, 4), torch.tensor([1, 2]), SamplerConfig(steps=40))
     assert net.calls == 79
     net.calls = 0
-    edm_sample(net, torch.randn(2, 1, 4, 4), torch.tensor([1, 2]), SamplerConfig(steps=40, heun=False))
+    edm_sample(net, torch.randn(2, 1, 4, 4), torch.tensor([1, 2]), SamplerConfig(steps=40, solver="euler"))
     assert net.calls == 40
 
 

@@ -6,10 +6,10 @@ import torch
 
 from maskdit_ds.model import EDMPrecond, build_denoiser
 from maskdit_ds.model.layers import sincos_2d_table
-from maskdit_ds.model.flops import forward_flops, uvit_forward_flops
+from maskdit_ds.model.flops import forward_flops
 from maskdit_ds.model.masking import Masker, kept_tokens, make_mask
 from maskdit_ds.model.registry import MODELS, ModelSize
-from maskdit_ds.model.uvit import UViT
+from maskdit_ds.model.uvit import UViT, uvit_forward_flops
 
 SIZES = {name: MODELS[name] for name in ("UViT-T/2", "UViT-Digits/2")}  # tiny sizes from the registry
 
