@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[2] / "maskdit_ds"
+from repo import PACKAGE, TOOLS
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -46,7 +46,7 @@ def collective_calls(path: Path) -> list[str]:
 def test_every_collective_goes_through_dist_py():
     """NCCL refuses CPU tensors: dist.py moves them to the process group's device. A collective called anywhere
     else (the package or its tools) would bypass that, and crash the first GPU run."""
-    files = [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "tools").glob("*.py")]
+    files = [*PACKAGE.rglob("*.py"), *TOOLS.glob("*.py")]
     offenders = {str(p.relative_to(PACKAGE.parent)): calls for p in files if p.name != "dist.py"
                  for calls in [collective_calls(p)] if calls}
     assert offenders == {}

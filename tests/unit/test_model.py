@@ -83,7 +83,7 @@ def test_masking_keeps_floor_and_restores_order():
     for i in range(5):
         assert set(torch.nonzero(rec.mask[i] == 0).flatten().tolist()) == set(rec.ids_keep[i].tolist())
     assert num_kept(10, 0.9) == 1 and num_kept(256, 0.5) == 128 and num_kept(100, 0.7) == 30
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"mask ratio must be in \[0, 1\), got 1.0"):
         num_kept(10, 1.0)
 
 
