@@ -8,6 +8,7 @@ from maskdit_ds.config import ModelConfig
 from maskdit_ds.model import MODELS, build_denoiser, forward_flops, kept_tokens, num_kept
 from maskdit_ds.model.layers import FixedSinCos, sincos_2d_table
 from maskdit_ds.model.masking import random_mask, record_from_mask
+from model_helpers import patch_sensitivity
 
 
 def tiny(**kw):
@@ -114,11 +115,18 @@ def test_the_trunk_sees_only_the_tokens_its_record_keeps():
 
 
 def test_without_a_record_every_token_is_seen_in_either_mode():
+    """The output depends on every input patch unless a record removes it, in training and in eval mode."""
     net = tiny()
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.05)
     x, sigma, y = torch.randn(2, 4, 8, 8), torch.ones(2), torch.tensor([0, 1])
-    assert torch.allclose(net.train()(x, sigma, y), net.eval()(x, sigma, y))  # no dropout, no hidden masking
+    assert torch.allclose(net.train()(x, sigma, y), net.eval()(x, sigma, y))  # no dropout, no mode-dependent masking
+    trunk, c_noise, onehot = net.model, torch.zeros(2), torch.nn.functional.one_hot(y, 10).float()
+    for mode in (trunk.train, trunk.eval):
+        mode()
+        assert torch.all(patch_sensitivity(trunk, x, c_noise, onehot, 2) > 0)  # all 16 patches reach F
+    rec = random_mask(2, 4, 0.5)  # the measure does see a removed patch: exactly 0 there, above 0 elsewhere
+    assert torch.equal(patch_sensitivity(trunk, x, c_noise, onehot, 2, rec) > 0, rec.mask == 0)
 
 
 def test_record_from_mask_rejects_ragged_masks():
