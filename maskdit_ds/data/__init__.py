@@ -107,7 +107,8 @@ from .sources import BadImage, HFImageSource, ImageDataset, ImageFolderSource, o
 from .transforms import adm_center_crop  # noqa: E402
 from .vae import encode_moments, load_vae  # noqa: E402
 
-__all__ = ["DATA_SOURCES", "DataSource", "LatentCache", "encode_to_cache", "sample_latent", "RefusedPickle", "import_release", "open_release",
+__all__ = ["DATA_SOURCES", "DataSource", "LatentCache", "encode_to_cache", "sample_latent", "RefusedPickle",
+           "import_release", "open_release",
            "BadImage", "HFImageSource", "ImageDataset", "ImageFolderSource", "open_source", "adm_center_crop",
            "encode_moments", "load_vae",
            "DigitsDataset", "DigitsJudge", "ResumableLoader", "ResumableSampler", "build_dataset", "to_model_input",

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from maskdit_ds.config import ModelConfig
-from maskdit_ds.model import MODELS, build_denoiser, forward_flops, kept_tokens, num_kept
+from maskdit_ds.model import MODELS, build_denoiser, forward_flops, kept_tokens, num_kept, position_tables
 from maskdit_ds.model.layers import FixedSinCos, sincos_2d_table
 from maskdit_ds.model.masking import random_mask, record_from_mask
 from model_helpers import patch_sensitivity
@@ -20,8 +20,8 @@ def tiny(**kw):
 
 
 def count_with_tables(net):
-    m = net.model
-    return sum(p.numel() for p in net.parameters()) + m.pos_embed.table.numel() + m.decoder_pos_embed.table.numel()
+    """Parameters plus the fixed sin-cos tables the backbone registers (the paper counts both)."""
+    return sum(p.numel() for p in net.parameters()) + sum(t.numel() for t in position_tables(net))
 
 
 @pytest.mark.parametrize("resolution,expected", [(256, 730_541_200), (512, 731_819_152)])
