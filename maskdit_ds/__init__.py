@@ -2,6 +2,7 @@
 
 Layers, each importing only from the ones above it:
   errors, io, hardware, dist     the ground floor: exit codes, atomic writes, what the machine can do, ranks
+  registry, optimizers           the Registry every extension point is (docs/extending.md); AdamW kernels
   config                         the typed run config, presets, validation
   data                           datasets, transforms, the VAE, latent caches, the resumable loader
   model                          the networks (pure torch), masking, FLOPs, export folders, alignment

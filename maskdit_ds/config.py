@@ -13,12 +13,12 @@ import yaml
 
 from .errors import ConfigError
 from .io import atomic_write_text
+from .optimizers import OPTIMIZERS
 
 PRESET_DIR = Path(__file__).parent / "configs"
 DS_CONFIG_DIR = Path(__file__).parent / "ds_configs"  # engine mechanics per precision, shipped with the package
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")  # = hardware.PRECISIONS (kept here so that parsing needs no torch)
 ENGINE_PRECISIONS = ("auto", "amp_fp16", "amp_bf16", "fp16", "bf16", "fp32")  # = auto + hardware.TRAINING_MODES
-OPTIMIZER_CHOICES = ("auto", "torch_fused", "torch", "deepspeed_fused")  # engine.OPTIMIZERS plus auto
 MAY_BE_INFINITE = ("sample.S_max",)  # "no upper bound"
 
 
@@ -38,22 +38,6 @@ class ModelConfig:
     sigma_data: float = 0.5  # EDM preconditioning constant
 
 
-class SourceKind:
-    """What a data.source is: whether its items are VAE posterior moments (2C channels, decoded through data.vae
-    for pictures), whether it needs data.path, and whether that path must exist here (hf also takes hub names)."""
-
-    def __init__(self, latent: bool, needs_path: bool, local_path: bool):
-        self.latent, self.needs_path, self.local_path = latent, needs_path, local_path
-
-
-DATA_SOURCES = {
-    "latents": SourceKind(latent=True, needs_path=True, local_path=True),  # a cache made by `maskdit_ds cache`
-    "digits": SourceKind(latent=False, needs_path=False, local_path=False),  # the built-in example
-    "images": SourceKind(latent=False, needs_path=True, local_path=True),  # an image folder root/<class>/<image>
-    "hf": SourceKind(latent=False, needs_path=True, local_path=False),  # a saved or hub Hugging Face dataset
-}
-
-
 @dataclass
 class DataConfig:
     source: str = "latents"  # latents (a cache from `python -m maskdit_ds cache`) | digits (built-in example) | images | hf
@@ -67,7 +51,10 @@ class DataConfig:
     image_source: str = ""  # with a latent cache and loss.align_weight > 0: the source images (default: the cache's)
 
     @property
-    def kind(self) -> SourceKind:
+    def kind(self):
+        """The registered data.source (maskdit_ds.data.DataSource): whether it is latent, whether it needs a path."""
+        from .data import DATA_SOURCES
+
         return DATA_SOURCES[self.source]
 
 
@@ -143,14 +130,14 @@ class SamplerConfig:
     """The EDM sampler (docs/method.md §6), the one set of sampling settings: the run config's `sample` section
     (grids, in-training FID, final samples) and `python -m maskdit_ds sample` both fill it."""
 
-    steps: int = 40  # EDM Heun steps (2 * steps - 1 network calls)
+    steps: int = 40  # solver steps (Heun: 2 * steps - 1 network calls, Euler: steps)
     guidance: float = 1.5  # classifier-free guidance scale (1: none)
     sigma_min: float = 0.002  # EDM noise range and time-step spacing
     sigma_max: float = 80.0  # see sigma_min
     rho: float = 7.0  # see sigma_min
     precision: str = "auto"  # network autocast: auto (bf16/fp16 on GPUs, fp32 on CPUs) / fp32 / bf16 / fp16; EDM scalings fp32, solver float64
     guidance_interval: list = field(default_factory=lambda: [0.0, math.inf])  # apply guidance only for sigma in [lo, hi] (Kynkaanniemi et al. 2024)
-    heun: bool = True  # second-order steps; false: Euler (steps network calls)
+    solver: str = "heun"  # step rule: heun (second order) / euler (first order) / any name in diffusion.solvers.SOLVERS
     S_churn: float = 0.0  # EDM stochasticity (0: the deterministic ODE sampler)
     S_min: float = 0.0  # churn only for sigma in [S_min, S_max]
     S_max: float = math.inf  # see S_min
@@ -259,8 +246,27 @@ def _fill(obj, values: dict, prefix: str) -> None:
 
 def from_dict(values: dict) -> Config:
     cfg = Config()
-    _fill(cfg, values, "")
+    _fill(cfg, upgrade(values), "")
     return cfg
+
+
+def upgrade(values: dict) -> dict:
+    """One config mapping (a YAML file, the overrides, a saved config.yaml) with older keys in today's terms:
+    `sample.heun: true/false` became `sample.solver: heun/euler`. Run on each mapping before they are merged, so
+    that an override in either spelling wins over the file beneath it."""
+    sample = values.get("sample")
+    if not isinstance(sample, dict) or "heun" not in sample:
+        return values
+    values, sample = dict(values), dict(sample)
+    heun = sample.pop("heun")
+    if not isinstance(heun, bool):
+        raise ConfigError(f"sample.heun: expected bool, got {type(heun).__name__} {heun!r}")
+    solver = "heun" if heun else "euler"
+    if sample.setdefault("solver", solver) != solver:
+        raise ConfigError(f"sample.heun: {heun} contradicts sample.solver: {sample['solver']!r} (sample.heun is "
+                          "the old name of sample.solver; set only sample.solver)")
+    values["sample"] = sample
+    return values
 
 
 def parse_override(item: str) -> tuple[str, object]:
@@ -344,12 +350,13 @@ def load_yaml(path: Path) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     parent = values.pop("base", None)
+    values = upgrade(values)
     return merge(load_yaml(preset_path(parent)), values) if parent else values
 
 
 def load_config(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Config:
     values = load_yaml(preset_path(name_or_path))
-    values = merge(values, nest(dict(parse_override(o) for o in overrides)))
+    values = merge(values, upgrade(nest(dict(parse_override(o) for o in overrides))))
     return from_dict(values)
 
 
@@ -401,7 +408,7 @@ def _expand_stage(cfg: Config, index: int, raw) -> Stage:
     values = cfg.to_dict()
     values["train"]["stages"] = []  # stages are not nested
     try:
-        stage_cfg = from_dict(merge(values, nest(entry.overrides)))
+        stage_cfg = from_dict(merge(values, upgrade(nest(entry.overrides))))
     except ConfigError as err:
         raise ConfigError(f"train.stages[{index}] ({entry.name}): {err}") from None
     return Stage(index, entry.name, entry.steps, stage_cfg)
@@ -428,6 +435,8 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, _stage:
             _check(not check_paths, f"{key}: {value} does not exist")
             warnings.append(f"{key}: {value} does not exist here")
 
+    from .data import DATA_SOURCES
+    from .diffusion.solvers import SOLVERS
     from .model.masking import STRATEGIES
     from .model.registry import MODELS
 
@@ -437,7 +446,7 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, _stage:
     _check(m.input_size > 0 and m.input_size % patch == 0,
            f"model.input_size: {m.input_size} must be a positive multiple of the patch size {patch}")
     _check(m.in_channels > 0 and m.num_classes > 0, "model.in_channels and model.num_classes must be positive")
-    _check(d.source in DATA_SOURCES, f"data.source: {d.source!r} is not one of {', '.join(DATA_SOURCES)}")
+    _check(d.source in DATA_SOURCES, f"data.source: {d.source!r} is not one of {DATA_SOURCES.known()}")
     if d.kind.needs_path:
         _check(bool(d.path), f"data.path: required for data.source={d.source}")
         if d.kind.local_path:
@@ -450,7 +459,7 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, _stage:
     _check(0 <= cfg.mask.ratio < 1, f"mask.ratio: {cfg.mask.ratio} must be in [0, 1)")
     _check(cfg.mask.schedule in ("constant", "cosine"), f"mask.schedule: {cfg.mask.schedule!r} not constant|cosine")
     _check(cfg.mask.strategy in STRATEGIES,
-           f"mask.strategy: {cfg.mask.strategy!r} is not one of {', '.join(STRATEGIES)}")
+           f"mask.strategy: {cfg.mask.strategy!r} is not one of {STRATEGIES.known()}")
     _check(cfg.mask.block_size > 0, f"mask.block_size: {cfg.mask.block_size} must be positive")
     _check(0 <= cfg.loss.label_dropout < 1, f"loss.label_dropout: {cfg.loss.label_dropout} must be in [0, 1)")
     check_alignment(cfg.loss, m.name, MODELS[m.name])
@@ -465,8 +474,9 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, _stage:
     if cfg.engine.precision != "auto":  # auto is resolved on the machine that trains (resolve_auto)
         ds_config_path(cfg)  # raises when missing
     _check(cfg.sample.precision in PRECISIONS, f"sample.precision: {cfg.sample.precision!r} not one of {PRECISIONS}")
-    _check(cfg.engine.optimizer in OPTIMIZER_CHOICES,
-           f"engine.optimizer: {cfg.engine.optimizer!r} is not one of {', '.join(OPTIMIZER_CHOICES)}")
+    _check(cfg.sample.solver in SOLVERS, f"sample.solver: {cfg.sample.solver!r} is not one of {SOLVERS.known()}")
+    _check(cfg.engine.optimizer == "auto" or cfg.engine.optimizer in OPTIMIZERS,
+           f"engine.optimizer: {cfg.engine.optimizer!r} is not auto or one of {OPTIMIZERS.known()}")
     _check(cfg.engine.compile in ("auto", "true", "false"), f"engine.compile: {cfg.engine.compile!r} is not "
            "auto, true or false")
     _check(t.micro_batch > 0 and t.global_batch > 0, "train.micro_batch and train.global_batch must be positive")
@@ -561,7 +571,7 @@ def _under(key: str, prefixes) -> bool:
 def resume_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
     """Compare the config a checkpoint was trained with to the one resuming it: (refused, allowed) lines
     'key: saved -> now'. Refused are FROZEN_ON_RESUME keys not named in train.allow_config_change."""
-    before, now = flatten(saved), flatten(cfg.to_dict())
+    before, now = flatten(upgrade(saved)), flatten(cfg.to_dict())
     refused, allowed = [], []
     for key in sorted(set(before) | set(now)):
         if _under(key, NOT_COMPARED) or before.get(key) == now.get(key):

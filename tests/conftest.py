@@ -3,7 +3,9 @@
 tests/unit/         invariants and contracts, in this process
 tests/integration/  real multi-process runs (DeepSpeed launcher, torchrun, SLURM, installs): marked
                     `integration` here; CI runs them too (`-m "not integration"` skips them locally)
-tests/support/      helpers (launch.py runs the real trainer) and test-only set-up (cpu_fp16/)
+tests/support/      helpers (repo.py: the repository's paths and the one way to load a tools/ script; launch.py
+                    runs the real trainer) and test-only set-up (cpu_fp16/)
+Shared fixtures live here (inception_weights); tests take the repository root from tests/support/repo.py.
 """
 import os
 import sys
@@ -31,3 +33,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """(path, sha256) of a random-but-seeded FID Inception weight file, made once per test session (read-only)."""
+    from eval_helpers import write_weights
+
+    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
+    return path, write_weights(path, seed=0)

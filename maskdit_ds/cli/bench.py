@@ -15,19 +15,21 @@ import sys
 from pathlib import Path
 
 from ..config import ENGINE_PRECISIONS, LossConfig
+from ..model import MODELS, STRATEGIES
 
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m maskdit_ds bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="MaskDiT-S/2", help="a name from maskdit_ds.model.registry.MODELS")
+    p.add_argument("--model", default="MaskDiT-S/2", choices=list(MODELS), metavar="NAME",
+                   help="a registered model size (model.name), e.g. MaskDiT-XL/2")
     p.add_argument("--input-size", type=int, default=32, help="latent (or pixel) side, e.g. 32 for 256 px")
     p.add_argument("--channels", type=int, default=4)
     p.add_argument("--batch", type=int, default=16, help="images per step on this device")
     p.add_argument("--precision", default="auto", choices=ENGINE_PRECISIONS,
                    help="auto: what training would pick on this machine")
     p.add_argument("--ratios", default="0.5,0.0", help="mask ratios to interleave")
-    p.add_argument("--strategy", default="random", choices=["random", "block", "crop"], help="mask strategy")
+    p.add_argument("--strategy", default="random", choices=list(STRATEGIES), help="mask strategy")
     p.add_argument("--block-size", type=int, default=2, help="tokens per block side for --strategy block")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=5, help="steps per mode per round")

@@ -13,6 +13,7 @@ import sys
 
 from .. import dist
 from ..config import PRECISIONS, SamplerConfig
+from ..diffusion.solvers import SOLVERS
 from ..errors import StorageError
 from ..generation import CLASS_MODES, GenerateConfig, run_generation
 
@@ -34,7 +35,8 @@ def parse(argv=None):
     s.add_argument("--guidance", type=float, default=SAMPLER.guidance, help="classifier-free guidance (1: none)")
     s.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
                    default=SAMPLER.guidance_interval, help="apply guidance only for sigma in [LO, HI]")
-    s.add_argument("--euler", action="store_true", help="first-order steps instead of Heun")
+    s.add_argument("--solver", choices=list(SOLVERS), default=SAMPLER.solver, help="step rule (diffusion/solvers.py)")
+    s.add_argument("--euler", dest="solver", action="store_const", const="euler", help="the same as --solver euler")
     s.add_argument("--sigma-min", type=float, default=SAMPLER.sigma_min)
     s.add_argument("--sigma-max", type=float, default=SAMPLER.sigma_max)
     s.add_argument("--rho", type=float, default=SAMPLER.rho)
@@ -63,7 +65,7 @@ def parse(argv=None):
 def main(argv=None) -> int:
     a = parse(argv)
     sampler = SamplerConfig(steps=a.steps, sigma_min=a.sigma_min, sigma_max=a.sigma_max, rho=a.rho,
-                            guidance=a.guidance, guidance_interval=list(a.guidance_interval), heun=not a.euler,
+                            guidance=a.guidance, guidance_interval=list(a.guidance_interval), solver=a.solver,
                             S_churn=a.s_churn, S_min=a.s_min, S_max=a.s_max, S_noise=a.s_noise,
                             precision=a.precision)
     gcfg = GenerateConfig(num_images=a.num_images, first_seed=a.first_seed, class_mode=a.classes,

@@ -1,11 +1,14 @@
 """Datasets for training (docs/method.md §5): the built-in digits, latent caches and image sources, by data.source."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.data import Dataset, Subset
 
+from ..registry import Registry
 from .digits import DigitsDataset, DigitsJudge
 from .loader import ResumableLoader, ResumableSampler
 
@@ -45,14 +48,32 @@ def _images(data_cfg, model_cfg):
     return ds, ds.labels()
 
 
-BUILDERS = {"digits": _digits, "latents": _latents, "images": _images, "hf": _images}  # config.DATA_SOURCES
+@dataclass(frozen=True)
+class DataSource:
+    """One data.source. build(data_cfg, model_cfg) -> (dataset of {"x", "y"}, labels (N,) int64); latent: its items
+    are VAE posterior moments (2C channels: a fresh latent is drawn each step, pictures are decoded through
+    data.vae); needs_path: it reads data.path; local_path: that path must exist here (hf also takes hub names)."""
+
+    build: Callable
+    latent: bool
+    needs_path: bool
+    local_path: bool
+
+
+# latents: a cache made by `maskdit_ds cache`; digits: the built-in example; images: a folder root/<class>/<image>;
+# hf: a saved or hub Hugging Face dataset
+DATA_SOURCES: Registry[DataSource] = Registry("data source")  # data.source
+DATA_SOURCES.register("latents", DataSource(_latents, latent=True, needs_path=True, local_path=True))
+DATA_SOURCES.register("digits", DataSource(_digits, latent=False, needs_path=False, local_path=False))
+DATA_SOURCES.register("images", DataSource(_images, latent=False, needs_path=True, local_path=True))
+DATA_SOURCES.register("hf", DataSource(_images, latent=False, needs_path=True, local_path=False))
 
 
 def build_dataset(data_cfg, model_cfg, seed: int = 0, images_at: int = 0) -> Dataset:
     """A map-style dataset of {"x", "y"} for the configured source, checked against the model config.
     images_at > 0 (an aligned run on latents): items also carry "image", the source image as uint8 at that
     resolution (pixel sources need none: their "x" is the image)."""
-    ds, labels = BUILDERS[data_cfg.source](data_cfg, model_cfg)
+    ds, labels = DATA_SOURCES[data_cfg.source].build(data_cfg, model_cfg)
     if images_at and data_cfg.kind.latent:
         from .source_images import LatentsWithImages
 
@@ -86,7 +107,8 @@ from .sources import BadImage, HFImageSource, ImageDataset, ImageFolderSource, o
 from .transforms import adm_center_crop  # noqa: E402
 from .vae import encode_moments, load_vae  # noqa: E402
 
-__all__ = ["LatentCache", "encode_to_cache", "sample_latent", "RefusedPickle", "import_release", "open_release",
+__all__ = ["DATA_SOURCES", "DataSource", "LatentCache", "encode_to_cache", "sample_latent", "RefusedPickle",
+           "import_release", "open_release",
            "BadImage", "HFImageSource", "ImageDataset", "ImageFolderSource", "open_source", "adm_center_crop",
            "encode_moments", "load_vae",
            "DigitsDataset", "DigitsJudge", "ResumableLoader", "ResumableSampler", "build_dataset", "to_model_input",

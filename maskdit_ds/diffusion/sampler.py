@@ -8,11 +8,15 @@ how many ranks produced them.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
-from ..config import SamplerConfig
+from .solvers import SOLVERS
+
+if TYPE_CHECKING:  # the diffusion layer takes its settings as an argument and never imports the config module
+    from ..config import SamplerConfig
 
 
 def sigma_schedule(steps: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
@@ -45,8 +49,8 @@ class _Denoiser:
 
 @torch.no_grad()
 def edm_sample(net, noise: torch.Tensor, class_labels, cfg: SamplerConfig, generators=None) -> torch.Tensor:
-    """noise (N, C, H, W) standard normal -> samples (N, C, H, W) float64. Heun: 2 * steps - 1 network calls."""
-    denoise = _Denoiser(net, class_labels, cfg)
+    """noise (N, C, H, W) standard normal -> samples (N, C, H, W) float64, each step taken by cfg.solver."""
+    denoise, solver = _Denoiser(net, class_labels, cfg), SOLVERS[cfg.solver]
     t = sigma_schedule(cfg.steps, cfg.sigma_min, cfg.sigma_max, cfg.rho).tolist()
     x = noise.double() * t[0]
     for i in range(cfg.steps):
@@ -57,11 +61,7 @@ def edm_sample(net, noise: torch.Tensor, class_labels, cfg: SamplerConfig, gener
         if gamma > 0:
             eps = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(x)
             x_hat = x + math.sqrt(t_hat**2 - t_cur**2) * cfg.S_noise * eps
-        d = (x_hat - denoise(x_hat, t_hat)) / t_hat
-        x = x_hat + (t_next - t_hat) * d
-        if cfg.heun and i < cfg.steps - 1:  # the last step (to sigma 0) is Euler
-            d_next = (x - denoise(x, t_next)) / t_next
-            x = x_hat + (t_next - t_hat) * (0.5 * d + 0.5 * d_next)
+        x = solver(denoise, x_hat, t_hat, t_next)
     return x
 
 

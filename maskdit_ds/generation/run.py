@@ -26,6 +26,7 @@ from ..config import PRECISIONS, SamplerConfig
 from ..data.transforms import image_grid, to_uint8
 from ..data.vae import decode, load_decoder
 from ..diffusion.sampler import sample_seeds
+from ..diffusion.solvers import SOLVERS
 from ..evaluation.npz_io import NpzImages
 from ..hardware import DTYPES, sampling_precision
 from ..model.export import find_export, load_pretrained, read_export_config
@@ -100,6 +101,8 @@ def check_config(gcfg: GenerateConfig, model: dict) -> None:
             problems.append(f"{key} must be {'>= 0' if key == 'first_seed' else 'positive'}, got {getattr(gcfg, key)}")
     if gcfg.sampler.steps < 1:
         problems.append(f"sampler steps must be >= 1, got {gcfg.sampler.steps}")
+    if gcfg.sampler.solver not in SOLVERS:
+        problems.append(f"solver must be one of {SOLVERS.known()}, got {gcfg.sampler.solver!r}")
     if model.get("in_channels") == LATENT_CHANNELS and not gcfg.vae:
         problems.append(f"model {model.get('name')} works on {LATENT_CHANNELS}-channel latents: pass a VAE "
                         "(--vae: diffusers AutoencoderKL folder, SD VAE file or hub id) to decode them")

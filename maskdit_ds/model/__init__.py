@@ -1,30 +1,37 @@
-"""MaskDiT model family (docs/method.md §1, §10): pure torch, no distributed code."""
+"""MaskDiT model family (docs/method.md §1, §10): pure torch, no distributed code.
+
+Backbones register themselves (model/registry.py) when their modules are imported here: maskdit.py, uvit.py.
+"""
+import torch
 import torch.nn as nn
 
 from .export import export, export_state, find_export, load_pretrained, read_export_config
 from .flops import forward_flops, gemm_shapes, train_flops
-from .layers import DiTBlock
 from .maskdit import MaskDiT
-from .masking import STRATEGIES, Masker, MaskRecord, kept_tokens, make_mask, num_kept
+from .masking import STRATEGIES, Masker, MaskRecord, Strategy, kept_tokens, make_mask, num_kept
 from .precond import EDMPrecond
-from .registry import MODELS, ModelSize, get_size
-from .uvit import UViT, UViTBlock
-
-BACKBONES = {"maskdit": MaskDiT, "uvit": UViT}  # ModelSize.backbone -> network class
-
-
-def trunk_blocks(net: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a denoiser (encoder and decoder, both backbones): the units to compile."""
-    return [m for m in net.modules() if isinstance(m, (DiTBlock, UViTBlock))]
+from .registry import BACKBONES, MODELS, Backbone, ModelSize, get_size, register_backbone
+from .uvit import UViT
 
 
 def build_denoiser(model_cfg) -> EDMPrecond:
     """model_cfg: a config.ModelConfig (or anything with name, input_size, in_channels, num_classes, sigma_data)."""
     size = get_size(model_cfg.name)
-    if size.backbone not in BACKBONES:
-        raise ValueError(f"model {model_cfg.name}: unknown backbone {size.backbone!r}")
-    net = BACKBONES[size.backbone](size, model_cfg.input_size, model_cfg.in_channels, model_cfg.num_classes)
+    net = BACKBONES[size.backbone].network(size, model_cfg.input_size, model_cfg.in_channels, model_cfg.num_classes)
     return EDMPrecond(net, sigma_data=model_cfg.sigma_data)
+
+
+def trunk_blocks(net: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a denoiser (encoder and decoder, any backbone): the units to compile."""
+    units = tuple(unit for backbone in BACKBONES.values() for unit in backbone.compile_units)
+    return [m for m in net.modules() if isinstance(m, units)]
+
+
+def position_tables(net: nn.Module) -> list[torch.Tensor]:
+    """The fixed sin-cos tables of every backbone network inside `net`: buffers, so not in net.parameters(), but
+    part of the model's size as the paper counts it (MaskDiT-XL/2: 730,541,200 at 256 px with them)."""
+    return [getattr(m, name).table for m in net.modules() for backbone in BACKBONES.values()
+            if isinstance(m, backbone.network) for name in backbone.position_tables]
 
 
 def token_grid(model_cfg) -> int:
@@ -32,7 +39,8 @@ def token_grid(model_cfg) -> int:
     return model_cfg.input_size // get_size(model_cfg.name).patch_size
 
 
-__all__ = ["BACKBONES", "MODELS", "STRATEGIES", "ModelSize", "MaskDiT", "UViT", "EDMPrecond", "MaskRecord", "Masker",
-           "build_denoiser", "export", "export_state", "find_export", "forward_flops", "gemm_shapes", "get_size",
-           "kept_tokens", "load_pretrained", "make_mask", "num_kept", "read_export_config", "token_grid",
-           "train_flops", "trunk_blocks"]
+__all__ = ["BACKBONES", "MODELS", "STRATEGIES", "Backbone", "ModelSize", "MaskDiT", "UViT", "EDMPrecond",
+           "MaskRecord", "Masker", "Strategy", "build_denoiser", "export", "export_state", "find_export",
+           "forward_flops", "gemm_shapes", "get_size", "kept_tokens", "load_pretrained", "make_mask", "num_kept",
+           "position_tables", "read_export_config", "register_backbone", "token_grid", "train_flops",
+           "trunk_blocks"]

@@ -7,7 +7,7 @@ import torch.nn as nn
 from .align import Tap
 from .layers import DiTBlock, FixedSinCos, LabelEmbedder, ModulatedLinear, PatchEmbed, TimestepEmbedder, unpatchify
 from .masking import MaskRecord, gather_tokens
-from .registry import ModelSize
+from .registry import Backbone, ModelSize, register_backbone
 
 
 class MaskDiT(nn.Module):
@@ -76,3 +76,39 @@ class MaskDiT(nn.Module):
         for block in self.decoder_blocks:
             tokens = block(tokens, c)
         return unpatchify(self.final_layer(tokens, c), self.grid, self.size.patch_size, self.in_channels)
+
+
+def dit_block_flops(tokens: int, dim: int, cond_dim: int, mlp_ratio: float) -> float:
+    # qkv 6Td^2 + proj 2Td^2 + mlp 4*ratio*Td^2, attention 4T^2 d, adaLN 12 d cond (once per sample).
+    return (8 + 4 * mlp_ratio) * tokens * dim**2 + 4 * tokens**2 * dim + 12 * dim * cond_dim
+
+
+def maskdit_forward_flops(size: ModelSize, input_size: int, in_channels: int, kept: int | None) -> float:
+    """The encoder sees `kept` tokens, the decoder all of them."""
+    p, d, dd = size.patch_size, size.hidden_size, size.decoder_hidden
+    tokens = (input_size // p) ** 2
+    kept = tokens if kept is None else kept
+    flops = 2 * tokens * p * p * in_channels * d  # patch embed (all tokens, before dropping)
+    flops += 2 * (256 * d + d * d)  # timestep MLP
+    flops += size.depth * dit_block_flops(kept, d, d, size.mlp_ratio)
+    flops += 2 * kept * d * dd + 4 * d * d  # encoder -> decoder
+    flops += size.decoder_depth * dit_block_flops(tokens, dd, d, size.mlp_ratio)
+    flops += 2 * tokens * dd * p * p * in_channels + 4 * d * dd  # final layer
+    return float(flops)
+
+
+_PAPER = {  # name: (encoder depth, width, heads)
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),  # 730,541,200 params at 256 px, 731,819,152 at 512 px
+    "H": (32, 1280, 16),
+}
+SIZES = {f"MaskDiT-{name}/{patch}": ModelSize(depth, width, heads, patch)
+         for name, (depth, width, heads) in _PAPER.items() for patch in (2, 4, 8)}
+# Small sizes for tests, the built-in example and CPU benchmarks (not from the paper).
+SIZES["MaskDiT-T/2"] = ModelSize(2, 64, 4, 2, decoder_depth=1, decoder_hidden=32, decoder_heads=4)
+SIZES["MaskDiT-Digits/2"] = ModelSize(4, 128, 4, 2, decoder_depth=2, decoder_hidden=64, decoder_heads=4)  # 1.5M
+
+register_backbone("maskdit", Backbone(network=MaskDiT, forward_flops=maskdit_forward_flops, compile_units=(DiTBlock,),
+                                      position_tables=("pos_embed", "decoder_pos_embed"), sizes=SIZES))

@@ -1,8 +1,8 @@
 """Token masking (docs/method.md §1 and §10): which tokens the encoder sees, by strategy, as one record type.
 
 The one route: the training step builds a Masker for the step's ratio; the loss asks it for a MaskRecord after
-drawing its noise; the model only consumes the record (None: unmasked). A new strategy is one function with the
-signature of random_mask plus its kept-token count, registered in STRATEGIES.
+drawing its noise; the model only consumes the record (None: unmasked). A new strategy is one registration in
+STRATEGIES: a function with the signature of random_mask plus its kept-token count.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from ..registry import Registry
 
 
 @dataclass
@@ -100,11 +102,10 @@ class Strategy:
     kept: Callable[[int, float], int]
 
 
-STRATEGIES: dict[str, Strategy] = {
-    "random": Strategy(random_mask, lambda grid, ratio: num_kept(grid * grid, ratio)),
-    "block": Strategy(block_mask, lambda grid, ratio: num_kept(grid * grid, ratio)),
-    "crop": Strategy(crop_mask, lambda grid, ratio: crop_side(grid, ratio) ** 2),
-}
+STRATEGIES: Registry[Strategy] = Registry("mask strategy")  # mask.strategy
+STRATEGIES.register("random", Strategy(random_mask, lambda grid, ratio: num_kept(grid * grid, ratio)))
+STRATEGIES.register("block", Strategy(block_mask, lambda grid, ratio: num_kept(grid * grid, ratio)))
+STRATEGIES.register("crop", Strategy(crop_mask, lambda grid, ratio: crop_side(grid, ratio) ** 2))
 
 
 def make_mask(strategy: str, n: int, grid: int, ratio: float, block: int = 4, device=None,
@@ -115,7 +116,7 @@ def make_mask(strategy: str, n: int, grid: int, ratio: float, block: int = 4, de
     if ratio == 0:
         return None
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown mask strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+        raise ValueError(f"unknown mask strategy {strategy!r}; use one of {STRATEGIES.known()}")
     return STRATEGIES[strategy].make(n, grid, ratio, block, device=device, generator=generator)
 
 

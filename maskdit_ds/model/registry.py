@@ -1,7 +1,12 @@
-"""Model sizes as data: the paper's MaskDiT family (docs/method.md §1) plus tiny sizes for tests and examples."""
+"""Backbones and their sizes as data (docs/method.md §1, §10): one registration per network family carries
+everything the framework needs from it. A new backbone is one register_backbone call, in its own module."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Callable
+
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -16,40 +21,40 @@ class ModelSize:
     decoder_hidden: int = 512
     decoder_heads: int = 16
     mlp_ratio: float = 4.0
-    backbone: str = "maskdit"  # maskdit (encoder-decoder) | uvit (long skips, MaskDM), see model/__init__.py
+    backbone: str = "maskdit"  # the BACKBONES entry that builds it (register_backbone fills it in)
 
 
-_PAPER = {  # name: (encoder depth, width, heads)
-    "S": (12, 384, 6),
-    "B": (12, 768, 12),
-    "L": (24, 1024, 16),
-    "XL": (28, 1152, 16),  # 730,541,200 params at 256 px, 731,819,152 at 512 px
-    "H": (32, 1280, 16),
-}
+@dataclass(frozen=True)
+class Backbone:
+    """One network family.
 
-MODELS: dict[str, ModelSize] = {
-    f"MaskDiT-{name}/{patch}": ModelSize(depth, width, heads, patch)
-    for name, (depth, width, heads) in _PAPER.items()
-    for patch in (2, 4, 8)
-}
-# Small sizes for tests, the built-in example and CPU benchmarks (not from the paper).
-MODELS["MaskDiT-T/2"] = ModelSize(2, 64, 4, 2, decoder_depth=1, decoder_hidden=32, decoder_heads=4)
-MODELS["MaskDiT-Digits/2"] = ModelSize(4, 128, 4, 2, decoder_depth=2, decoder_hidden=64, decoder_heads=4)  # 1.5M
+    network(size, input_size, in_channels, num_classes) -> module with forward(x, c_noise, y_onehot, record, tap)
+        -> (N, C, H, W), the contract of MaskDiT.forward
+    forward_flops(size, input_size, in_channels, kept) -> matmul FLOPs of one image's forward with `kept` encoder
+        tokens (None: all), for TFLOP/s and MFU (model/flops.py)
+    compile_units: the block classes torch.compile wraps one by one (engine.compile, regional compilation)
+    position_tables: attribute names of its fixed FixedSinCos tables (buffers, not parameters: counted beside them)
+    sizes: model.name -> ModelSize, added to MODELS
+    """
 
-# U-ViT backbone (MaskDM, docs/method.md §10): U-ViT's own sizes (Bao et al. 2023: S 13x512, M 17x768, L 21x1024),
-# with the same light MAE-style decoder as MaskDiT, plus tiny sizes for tests and the digits demo.
-_UVIT = {"S": (13, 512, 8), "M": (17, 768, 12), "L": (21, 1024, 16)}
-MODELS.update({
-    f"UViT-{name}/{patch}": ModelSize(depth, width, heads, patch, backbone="uvit")
-    for name, (depth, width, heads) in _UVIT.items()
-    for patch in (2, 4, 8)
-})
-MODELS["UViT-T/2"] = ModelSize(3, 64, 4, 2, decoder_depth=1, decoder_hidden=32, decoder_heads=4, backbone="uvit")
-MODELS["UViT-Digits/2"] = ModelSize(4, 128, 4, 2, decoder_depth=2, decoder_hidden=64, decoder_heads=4,
-                                    backbone="uvit")
+    network: type
+    forward_flops: Callable[..., float]
+    compile_units: tuple[type, ...]
+    position_tables: tuple[str, ...]
+    sizes: dict[str, ModelSize]
+
+
+BACKBONES: Registry[Backbone] = Registry("backbone")
+MODELS: Registry[ModelSize] = Registry("model")  # every registered size by model.name, from all backbones
+
+
+def register_backbone(name: str, backbone: Backbone) -> Backbone:
+    """Register a network family and its sizes (each size's `backbone` set to `name`)."""
+    BACKBONES.register(name, backbone)
+    for size_name, size in backbone.sizes.items():
+        MODELS.register(size_name, dataclasses.replace(size, backbone=name))
+    return backbone
 
 
 def get_size(name: str) -> ModelSize:
-    if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
     return MODELS[name]

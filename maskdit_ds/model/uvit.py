@@ -20,7 +20,7 @@ import torch.nn as nn
 from .align import Tap
 from .layers import Attention, FixedSinCos, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, unpatchify
 from .masking import MaskRecord, gather_tokens
-from .registry import ModelSize
+from .registry import Backbone, ModelSize, register_backbone
 
 EXTRA_TOKENS = 2  # [time, label] in front of the patch tokens
 
@@ -138,3 +138,35 @@ class UViT(nn.Module):
             tokens = block(tokens)
         out = self.final_layer(self.decoder_norm(tokens[:, EXTRA_TOKENS:]))  # (N, L, p*p*C)
         return unpatchify(out, self.grid, self.size.patch_size, self.in_channels)
+
+
+def uvit_block_flops(tokens: int, dim: int, mlp_ratio: float, skip: bool) -> float:
+    # qkv 6Td^2 + proj 2Td^2 + mlp 4*ratio*Td^2 + attention 4T^2 d (+ skip Linear(2d, d): 4Td^2)
+    return (8 + 4 * mlp_ratio + (4 if skip else 0)) * tokens * dim**2 + 4 * tokens**2 * dim
+
+
+def uvit_forward_flops(size: ModelSize, input_size: int, in_channels: int, kept: int | None) -> float:
+    """The trunk sees `kept` patch tokens plus the time and label tokens; the decoder all of them."""
+    p, d, dd = size.patch_size, size.hidden_size, size.decoder_hidden
+    length = (input_size // p) ** 2
+    trunk = (length if kept is None else kept) + EXTRA_TOKENS
+    flops = 2 * length * p * p * in_channels * d + 2 * (256 * d + d * d)  # patch embed + time MLP
+    half = size.depth // 2
+    flops += (half + size.depth % 2) * uvit_block_flops(trunk, d, size.mlp_ratio, False)
+    flops += half * uvit_block_flops(trunk, d, size.mlp_ratio, True)
+    flops += 2 * trunk * d * dd  # decoder_embed
+    flops += size.decoder_depth * uvit_block_flops(length + EXTRA_TOKENS, dd, size.mlp_ratio, False)
+    flops += 2 * length * dd * p * p * in_channels  # final layer
+    return float(flops)
+
+
+# U-ViT's own sizes (Bao et al. 2023: S 13x512, M 17x768, L 21x1024) with the same light MAE-style decoder as
+# MaskDiT, plus tiny sizes for tests and the digits demo.
+_UVIT = {"S": (13, 512, 8), "M": (17, 768, 12), "L": (21, 1024, 16)}
+SIZES = {f"UViT-{name}/{patch}": ModelSize(depth, width, heads, patch)
+         for name, (depth, width, heads) in _UVIT.items() for patch in (2, 4, 8)}
+SIZES["UViT-T/2"] = ModelSize(3, 64, 4, 2, decoder_depth=1, decoder_hidden=32, decoder_heads=4)
+SIZES["UViT-Digits/2"] = ModelSize(4, 128, 4, 2, decoder_depth=2, decoder_hidden=64, decoder_heads=4)
+
+register_backbone("uvit", Backbone(network=UViT, forward_flops=uvit_forward_flops, compile_units=(UViTBlock,),
+                                   position_tables=("pos_embed", "decoder_pos_embed"), sizes=SIZES))

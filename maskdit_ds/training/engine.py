@@ -16,6 +16,7 @@ from .. import dist
 from ..config import Config, ds_config_path, grad_accum
 from ..errors import ConfigError, TrainingError
 from ..hardware import TRAINING_MODES
+from ..optimizers import OPTIMIZERS
 
 # DeepSpeed 0.19's ZeRO calls torch's old collective names; torch warns on every rank at the first step. Harmless.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
@@ -87,16 +88,6 @@ def ds_precision(ds: dict) -> str:
         dtype = str(ds["torch_autocast"].get("dtype"))
         return AUTOCAST_DTYPES.get(dtype, f"torch_autocast with dtype {dtype}")
     return enabled[0] if enabled else "fp32"
-
-
-# engine.optimizer -> DeepSpeed's AdamW parameters. torch's AdamW (ZeRO-supported, so no untested-optimizer
-# switch) needs no build; DeepSpeed's FusedAdam JIT-compiles CUDA code on first use (nvcc + ninja on every node,
-# 1-2 minutes per fresh node).
-OPTIMIZERS = {
-    "torch_fused": {"torch_adam": True, "fused": True},  # one fused kernel per step (CUDA; also CPU in torch 2.4+)
-    "torch": {"torch_adam": True},  # torch's foreach implementation
-    "deepspeed_fused": {},  # DeepSpeed FusedAdam (JIT build)
-}
 
 
 def optimizer_impl(choice: str) -> str:

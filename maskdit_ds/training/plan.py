@@ -11,7 +11,7 @@ from .. import dist
 from ..config import Config, Stage, aligns, expand_stages, grad_accum, resolve_auto, validate
 from ..errors import RunDirBusy
 from ..hardware import describe_mode, half_precision_warning
-from ..model import build_denoiser, get_size, kept_tokens, token_grid, train_flops
+from ..model import build_denoiser, get_size, kept_tokens, position_tables, token_grid, train_flops
 from .engine import build_ds_config
 from .lifecycle import RunLock
 
@@ -21,9 +21,8 @@ def describe(cfg: Config, world: int) -> str:
     stages = expand_stages(cfg)
     with torch.device("meta"):
         net = build_denoiser(cfg.model)
-    m = net.model
     params = sum(p.numel() for p in net.parameters())
-    tables = m.pos_embed.table.numel() + m.decoder_pos_embed.table.numel()
+    tables = sum(table.numel() for table in position_tables(net))
     lines = [f"run dir: {cfg.run_dir}", f"world size: {world}", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip()]
     aligned = aligns(stages)
     for stage in stages:

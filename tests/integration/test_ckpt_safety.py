@@ -1,22 +1,16 @@
 """Checkpoint safety: killed or truncated saves are skipped on resume; pickles that carry code are refused."""
 import os
-import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
 import ckpt_helpers as _ckpt_helpers
 import launch as _launch
+from ckpt_helpers import RunsAShellCommand, copy_run
 from maskdit_ds.training import checkpoint as ckpt
 from maskdit_ds.convert import ConversionError, convert_dit, convert_paper
-
-
-def copy_run(tmp_path):
-    run = tmp_path / "r"
-    shutil.copytree(_ckpt_helpers.trained_run(), run)
-    return run
+from repo import tool_command
 
 
 def test_tag_of_a_killed_save_is_skipped(tmp_path):
@@ -65,16 +59,6 @@ def test_truncated_tag_is_skipped_and_the_run_resumes_from_the_older_one(tmp_pat
         "torch RNG (give the DataLoader its own generator)")
 
 
-class RunsAShellCommand:
-    """What a hostile checkpoint looks like: unpickling it would call os.system."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 @pytest.mark.parametrize("importer", [convert_paper, convert_dit])
 @pytest.mark.parametrize("where", ["args", "ema"])
 def test_pickle_that_carries_code_is_refused(tmp_path, importer, where):
@@ -90,8 +74,7 @@ def test_pickle_that_carries_code_is_refused(tmp_path, importer, where):
 def test_cli_refuses_a_pickle_that_carries_code(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"ema": {}, "args": RunsAShellCommand(marker)}, tmp_path / "evil.pt")
-    cli = _launch.ROOT / "tools" / "convert_checkpoint.py"
-    proc = subprocess.run([sys.executable, str(cli), "reference", str(tmp_path / "evil.pt"), "--out",
-                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120, env=_launch.env())
+    proc = subprocess.run(tool_command("convert_checkpoint", "reference", tmp_path / "evil.pt", "--out",
+                                       tmp_path / "out"), capture_output=True, text=True, timeout=120, env=_launch.env())
     assert proc.returncode == 2 and "refused to unpickle" in proc.stderr, proc.stderr[-2000:]
     assert not marker.exists() and not (tmp_path / "out").exists()

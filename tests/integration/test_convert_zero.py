@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from safetensors.torch import load_file
 import ckpt_helpers as _ckpt_helpers
 from maskdit_ds import load_pretrained
 from maskdit_ds.convert import (ConversionError, convert_zero)
+from repo import tool_command
 
 
 # ---------------------------------------------------------------- the released layout, written out independently
@@ -28,9 +28,8 @@ from maskdit_ds.convert import (ConversionError, convert_zero)
 def test_zero_tag_matches_deepspeed_zero_to_fp32(tmp_path):
     run = _ckpt_helpers.trained_run()
     tag = run / "checkpoints" / "step_0000002"
-    cli = Path(__file__).resolve().parents[2] / "tools" / "convert_checkpoint.py"
-    proc = subprocess.run([sys.executable, str(cli), "zero", str(tag), "--out", str(tmp_path / "x"),
-                           "--weights", "both"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(tool_command("convert_checkpoint", "zero", tag, "--out", tmp_path / "x", "--weights", "both"),
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("[convert] zero") == 2 and "saved on 2 ranks" in proc.stdout, proc.stdout
     # DeepSpeed's own script, as every run leaves it next to its tags.

@@ -11,8 +11,7 @@ from data_helpers import free_port, make_clean_folder, save_tiny_vae
 from maskdit_ds.data.latent_cache import LatentCache, encode_to_cache, shard_name
 from maskdit_ds.data.sources import ImageFolderSource
 from maskdit_ds.data.vae import load_vae
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from repo import TOOLS
 
 
 def test_two_ranks_under_torchrun(tmp_path):
@@ -21,7 +20,7 @@ def test_two_ranks_under_torchrun(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           os.path.join(REPO, "tools", "cache_latents.py"), "--source", str(tmp_path / "img"), "--out",
+           str(TOOLS / "cache_latents.py"), "--source", str(tmp_path / "img"), "--out",
            str(tmp_path / "cache"), "--vae", vae_dir, "--vae-dtype", "fp32", "--resolution", "32", "--flip",
            "--shard-size", "4", "--batch-size", "4", "--num-workers", "0", "--device", "cpu", "--no-progress"]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=150)

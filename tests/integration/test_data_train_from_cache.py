@@ -12,14 +12,13 @@ from data_helpers import free_port, make_clean_folder, save_tiny_vae
 from maskdit_ds.data.latent_cache import encode_to_cache
 from maskdit_ds.data.sources import ImageFolderSource
 from maskdit_ds.data.vae import load_vae
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from repo import ROOT
 
 
 def _train(tmp_path, cache, *overrides):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
+               OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "maskdit_ds", "train", "--config", "digits", "data.source=latents",
            f"data.path={cache}", "model.in_channels=4", "train.stages=[]", "train.steps=3", "train.global_batch=8",
            "train.micro_batch=8", "sample.final_samples=0", "train.grid_every=0", "engine.precision=fp32",

@@ -3,14 +3,12 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import launch as _launch
 import numpy as np
 import pytest
 from launch import export_random
-
-REPO = Path(__file__).resolve().parents[2]
+from repo import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +20,7 @@ def _torchrun(ranks, model, out, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
            str(_launch.free_port()), "--module", "maskdit_ds", "sample", str(model), "--out", str(out),
            "--num-images", "7", "--chunk-size", "2", "--batch-size", "2", "--steps", "3", "--no-progress", *map(str, extra)]
-    return subprocess.run(cmd, cwd=REPO, env=_launch.env(), capture_output=True, text=True, timeout=240)
+    return subprocess.run(cmd, cwd=ROOT, env=_launch.env(), capture_output=True, text=True, timeout=240)
 
 
 def test_one_and_two_ranks_write_identical_files(tmp_path, model):

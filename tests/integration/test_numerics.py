@@ -6,14 +6,14 @@ import sys
 
 from maskdit_ds.dist import free_port
 
-from launch import ROOT, env
+from launch import env
+from repo import ROOT, tool_command
 
 
 def numerics(tmp_path, *args) -> dict:
     out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "numerics.py"), "compare", *args, "--out", str(out)],
-                          cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=600)
+    proc = subprocess.run(tool_command("numerics", "compare", *args, "--out", out), cwd=ROOT, env=env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
     return json.loads(out.read_text())
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from repo import ROOT
 from slurm_helpers import free_port, start_cluster
 from maskdit_ds.training.checkpoint import check_tag, list_tags
 
-ROOT = Path(__file__).resolve().parents[2]
 # sbatch options on the command line override the templates' #SBATCH lines: 2 CPU tasks instead of 8 GPUs.
 # --time stays far above the templates' --signal=USR1@600 lead, or SLURM would send the signal at once.
 CPU = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=30"]

@@ -1,9 +1,10 @@
-"""Shared by the checkpoint tests: one real 2-rank fp16 run with two saves (made once per pytest process), and a
-1-rank DeepSpeed engine that loads a universal checkpoint in a subprocess."""
+"""Shared by the checkpoint tests: one real 2-rank fp16 run with two saves (made once per pytest process), a
+hostile pickle, and a 1-rank DeepSpeed engine that loads a universal checkpoint in a subprocess."""
 from __future__ import annotations
 
 import atexit
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,23 @@ def trained_run() -> Path:
             raise AssertionError(f"2-rank fp16 run failed ({proc.returncode}):\n{proc.stdout[-4000:]}")
         _RUN["dir"], _RUN["log"] = out / "r", proc.stdout
     return _RUN["dir"]
+
+
+def copy_run(tmp_path: Path) -> Path:
+    """A writable copy of trained_run() at tmp_path/r."""
+    run = tmp_path / "r"
+    shutil.copytree(trained_run(), run)
+    return run
+
+
+class RunsAShellCommand:
+    """What a hostile checkpoint carries: unpickling it calls os.system (here: touch a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
 
 
 UNIVERSAL_LOAD = r"""

@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 
 from maskdit_ds.dist import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
+from repo import ROOT
 # DeepSpeed's real fp16 path on a CPU without native fp16 (tests/support/cpu_fp16/sitecustomize.py)
 FP16 = {"MASKDIT_TEST_CPU_FP16": "1", "PYTHONPATH": str(ROOT / "tests" / "support" / "cpu_fp16")}
 # fp32 unless a test is about half precision: the same arithmetic on every CPU (auto would pick bf16 on some)

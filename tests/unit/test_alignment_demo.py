@@ -1,24 +1,13 @@
 """The alignment demonstration's pieces (tools/alignment_demo.py, tools/train_digits_teacher.py): arms at equal
 training compute, and a digits teacher that learns the classes and loads through the training's teacher loader."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from maskdit_ds.data.digits import load_digits_arrays, upscale
 from maskdit_ds.model.teacher import load_teacher
-
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
-
-
-def tool(name):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from repo import tool
 
 
 def test_every_arm_gets_the_same_training_flops():

@@ -141,5 +141,5 @@ def test_dry_run_and_options_stand_anywhere_among_overrides(capsys):
     assert code == 0
     assert "micro_batch: 32" in out and "lr: 0.0002" in out and "name: anywhere" in out and "world size: 2" in out
     assert "precision: engine.precision: auto -> " in out  # the resolved precision and its reason
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
         run_cli(capsys, "train", "--config", "digits", "--dry-rum")

@@ -101,10 +101,9 @@ def test_reader_contract_and_meta(setup):
 def test_check_compatible(setup):
     cache = LatentCache(str(setup[4]))
     cache.check_compatible(32, 4)
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ValueError, match="resolution 256") as e:
         cache.check_compatible(256, 4)
-    msg = str(e.value)
-    assert str(setup[4]) in msg and "32 px" in msg and "resolution 256" in msg
+    assert str(setup[4]) in str(e.value) and "32 px" in str(e.value)
     with pytest.raises(ValueError, match="with 16 latent channels"):
         cache.check_compatible(32, 16)
 

@@ -1,6 +1,5 @@
 """Reference latent import: LMDB and WebDataset round trips, and refusal of pickles that carry code."""
 
-import importlib.util
 import io
 import os
 import pickle
@@ -12,8 +11,7 @@ import pytest
 from maskdit_ds.data.latent_cache import LatentCache
 from maskdit_ds.data.release_import import (LMDBLatents, RefusedPickle, WDSLatents, import_release,
                                               open_release, safe_unpickle)
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from repo import tool
 
 
 def _moments(n, side, seed):
@@ -68,10 +66,7 @@ def test_lmdb_round_trip(tmp_path):
 def test_webdataset_round_trip_via_cli(tmp_path):
     z, y = _moments(7, 8, 1), np.array([3, 999, 0, 12, 500, 7, 1])
     _make_tars(tmp_path / "tars", z, y)
-    spec = importlib.util.spec_from_file_location("import_latents", os.path.join(REPO, "tools", "import_latents.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    assert tool.main(["--reference", str(tmp_path / "tars"), "--out", str(tmp_path / "cache"),
+    assert tool("import_latents").main(["--reference", str(tmp_path / "tars"), "--out", str(tmp_path / "cache"),
                       "--shard-size", "3", "--no-progress"]) == 0
     cache = LatentCache(str(tmp_path / "cache"))
     assert (cache.meta["resolution"], len(cache), cache.meta["num_shards"]) == (64, 7, 3)

@@ -1,9 +1,6 @@
 """The README documents every config key and the two set-up commands CI relies on."""
-from pathlib import Path
-
 from maskdit_ds.config import key_reference
-
-ROOT = Path(__file__).resolve().parents[2]
+from repo import ROOT
 
 
 def test_readme_lists_every_config_key():

@@ -3,20 +3,16 @@
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from eval_helpers import random_images, write_weights
+from eval_helpers import random_images
 from PIL import Image
 
 from maskdit_ds.evaluation import (Activations, GaussianStats, InceptionExtractor, NpzImages, adm_center_crop,
                                    evaluate_npz, frechet_distance, gaussian_stats, load_reference_stats,
                                    open_images, read_stats)
-
-REPO = Path(__file__).resolve().parents[2]
-TOOL = REPO / "tools" / "eval_fid.py"
+from repo import ROOT, tool, tool_command
 
 # ------------------------------------------------------------------------------------------------ npz reading
 
@@ -178,18 +174,12 @@ def _strs(*args):
 
 def _run_tool(*args):
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    return subprocess.run([sys.executable, str(TOOL), *_strs(*args)], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=REPO)
+    return subprocess.run(tool_command("eval_fid", *args), capture_output=True, text=True, timeout=300, env=env,
+                          cwd=ROOT)
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("w") / "random_inception.pth"
-    return path, write_weights(path, seed=0)
-
-
-def test_cli_identical_sets(tmp_path, weights):
-    path, sha = weights
+def test_cli_identical_sets(tmp_path, inception_weights):
+    path, sha = inception_weights
     images = random_images(8, size=32, seed=4)
     np.savez(tmp_path / "samples.npz", images)  # positional, like MaskDiT's png2npz
     np.savez_compressed(tmp_path / "ref.npz", arr_0=images)  # no stats: computed from arr_0
@@ -207,11 +197,9 @@ def test_cli_identical_sets(tmp_path, weights):
     assert len(list(tmp_path.glob("ref.acts-*.npz"))) == 1  # reference activations cached next to the ref
 
 
-def test_cli_rejects_weights_that_are_not_the_official_file(tmp_path, weights):
-    sys.path.insert(0, str(TOOL.parent))
-    import eval_fid
-
-    path, _ = weights  # random weights, checked against the official size/hash unless told otherwise
+def test_cli_rejects_weights_that_are_not_the_official_file(tmp_path, inception_weights):
+    eval_fid = tool("eval_fid")
+    path, _ = inception_weights  # random weights, checked against the official size/hash unless told otherwise
     np.savez(tmp_path / "s.npz", random_images(4, size=8))
     with pytest.raises(ValueError, match="random_inception.pth has [0-9,]+ bytes, expected 95,628,359"):
         eval_fid.main(_strs(tmp_path / "s.npz", tmp_path / "s.npz", "--weights", path, "--no-progress"))
@@ -219,11 +207,9 @@ def test_cli_rejects_weights_that_are_not_the_official_file(tmp_path, weights):
         eval_fid.main(_strs(tmp_path / "s.npz", tmp_path / "s.npz", "--weights", path, "--weights-sha256", "1" * 64))
 
 
-def test_cli_ref_subcommand_builds_a_reference_that_evaluates(tmp_path, weights, monkeypatch):
-    sys.path.insert(0, str(TOOL.parent))
-    import eval_fid  # in-process: saves a second interpreter start
-
-    path, sha = weights
+def test_cli_ref_subcommand_builds_a_reference_that_evaluates(tmp_path, inception_weights, monkeypatch):
+    eval_fid = tool("eval_fid")  # in-process: saves a second interpreter start
+    path, sha = inception_weights
     folder = tmp_path / "real"
     for i, (w, h) in enumerate([(48, 40), (64, 64), (40, 56), (33, 33), (80, 36)]):
         (folder / f"class{i % 2}").mkdir(parents=True, exist_ok=True)

@@ -2,23 +2,18 @@
 
 import json
 import subprocess
-import sys
 import zipfile
-from pathlib import Path
 
 import launch as _launch
 from launch import export_random
 import numpy as np
 import pytest
-from eval_helpers import write_weights
+from repo import ROOT, tool, tool_command
 
 from maskdit_ds.model.export import load_pretrained
 from maskdit_ds.generation import run as gen
 from maskdit_ds.evaluation import NpzImages
 from maskdit_ds.config import SamplerConfig
-
-REPO = Path(__file__).resolve().parents[2]
-SAMPLE, EVAL, DIGITS_REF = (REPO / "tools" / n for n in ("sample.py", "eval_fid.py", "digits_reference.py"))
 
 
 def small(**kw) -> gen.GenerateConfig:
@@ -60,7 +55,7 @@ def test_killed_run_resumes_without_redoing_finished_chunks(tmp_path, model, mon
         real_write(out, index, *args)
 
     monkeypatch.setattr(gen, "write_chunk", dies_after_two)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="killed"):
         gen.run_generation(model, tmp_path / "run", small(), progress=False)
     monkeypatch.setattr(gen, "write_chunk", real_write)
     names = sorted(p.name for p in (tmp_path / "run/chunks").glob("*.npz"))
@@ -99,7 +94,7 @@ def test_bad_inputs_fail_early_with_the_reason(tmp_path, model):
     gen.run_generation(model, tmp_path / "o", small(keep_chunks=True), progress=False)
     with pytest.raises(ValueError, match="other settings \\(sampler differ"):
         gen.run_generation(model, tmp_path / "o", small(keep_chunks=True, sampler=SamplerConfig(steps=4)))
-    res = subprocess.run([sys.executable, str(SAMPLE), str(latent), "--out", str(tmp_path / "x")], cwd=REPO,
+    res = subprocess.run(tool_command("sample", latent, "--out", tmp_path / "x"), cwd=ROOT,
                          env=_launch.env(), capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "error: generate: model MaskDiT-T/2 works on 4-channel latents" in res.stderr
 
@@ -119,20 +114,14 @@ def test_balanced_labels_are_balanced_and_not_sorted():
     assert np.array_equal(labels, gen.balanced_labels(1000, 10, seed=0))
 
 
-def _tool(path):
-    sys.path.insert(0, str(path.parent))
-    return __import__(path.stem)
-
-
-def test_digits_samples_scored_end_to_end_by_eval_fid(tmp_path):
+def test_digits_samples_scored_end_to_end_by_eval_fid(tmp_path, inception_weights):
     """The example's shape (MaskDiT-Digits/2, 16 px, 1 channel, 10 classes): sample, build the real-digits
     reference, evaluate, all through the CLIs (in-process). Random Inception weights: plumbing, not quality."""
     model = export_random(tmp_path / "digits", name="MaskDiT-Digits/2", size=16, channels=1, classes=10)
-    weights = tmp_path / "inception.pth"
-    sha = write_weights(weights, seed=0)
-    _tool(SAMPLE).main([str(model), "--out", str(tmp_path / "s"), "--num-images", "8", "--steps", "2",
-                        "--no-progress"])
-    _tool(DIGITS_REF).main(["--out", str(tmp_path / "real.npz"), "--resolution", "16"])
+    weights, sha = inception_weights
+    tool("sample").main([str(model), "--out", str(tmp_path / "s"), "--num-images", "8", "--steps", "2",
+                         "--no-progress"])
+    tool("digits_reference").main(["--out", str(tmp_path / "real.npz"), "--resolution", "16"])
     with np.load(tmp_path / "real.npz") as real:
         assert real["arr_0"].shape == (1797, 16, 16, 3) and real["arr_0"].dtype == np.uint8
         assert real["arr_1"].shape == (1797,)
@@ -140,7 +129,7 @@ def test_digits_samples_scored_end_to_end_by_eval_fid(tmp_path):
     np.savez(tmp_path / "real12.npz", arr_0=few_real)
     common = ["--weights", str(weights), "--weights-sha256", sha, "--device", "cpu", "--batch-size", "12",
               "--no-progress"]
-    eval_fid = _tool(EVAL)
+    eval_fid = tool("eval_fid")
     eval_fid.main(["ref", "--images", str(tmp_path / "real12.npz"), "--out", str(tmp_path / "ref.npz"), *common])
     with pytest.warns(UserWarning, match="FID-50K"):
         eval_fid.main([str(tmp_path / "s/samples.npz"), str(tmp_path / "ref.npz"), "--out", str(tmp_path / "m.json"),

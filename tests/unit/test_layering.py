@@ -1,8 +1,10 @@
 """Import layering: only engine.py imports deepspeed; model code is pure torch."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[2] / "maskdit_ds"
+from repo import PACKAGE, TOOLS
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -44,7 +46,7 @@ def collective_calls(path: Path) -> list[str]:
 def test_every_collective_goes_through_dist_py():
     """NCCL refuses CPU tensors: dist.py moves them to the process group's device. A collective called anywhere
     else (the package or its tools) would bypass that, and crash the first GPU run."""
-    files = [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "tools").glob("*.py")]
+    files = [*PACKAGE.rglob("*.py"), *TOOLS.glob("*.py")]
     offenders = {str(p.relative_to(PACKAGE.parent)): calls for p in files if p.name != "dist.py"
                  for calls in [collective_calls(p)] if calls}
     assert offenders == {}
@@ -56,3 +58,16 @@ def test_the_scan_would_catch_a_stray_collective(tmp_path):
                    "def f(t):\n    torch.distributed.barrier()\n    deepspeed.comm.barrier()\n    torch.gather(t, 0, t)\n")
     assert collective_calls(bad) == ["imports torch.distributed", "line 5: torch.distributed",
                                      "line 6: deepspeed.comm"]
+
+
+def test_config_and_the_registries_it_reads_import_without_torch():
+    """Parsing a config (and the light registries it reads at import: optimizers) needs no torch, so a config
+    error comes back before any heavy import. The package's __init__ (which imports the model) is skipped."""
+    code = ("import importlib, sys, types\n"
+            "sys.modules['torch'] = None  # any import of torch now raises ImportError\n"
+            f"package = types.ModuleType('maskdit_ds'); package.__path__ = [{str(PACKAGE)!r}]\n"
+            "sys.modules['maskdit_ds'] = package\n"
+            "config = importlib.import_module('maskdit_ds.config')\n"
+            "config.load_config('digits', ['engine.optimizer=torch'])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from maskdit_ds.config import ModelConfig
-from maskdit_ds.model import MODELS, build_denoiser, forward_flops, kept_tokens, num_kept
+from maskdit_ds.model import MODELS, build_denoiser, forward_flops, kept_tokens, num_kept, position_tables
 from maskdit_ds.model.layers import FixedSinCos, sincos_2d_table
 from maskdit_ds.model.masking import random_mask, record_from_mask
+from model_helpers import patch_sensitivity
 
 
 def tiny(**kw):
@@ -19,8 +20,8 @@ def tiny(**kw):
 
 
 def count_with_tables(net):
-    m = net.model
-    return sum(p.numel() for p in net.parameters()) + m.pos_embed.table.numel() + m.decoder_pos_embed.table.numel()
+    """Parameters plus the fixed sin-cos tables the backbone registers (the paper counts both)."""
+    return sum(p.numel() for p in net.parameters()) + sum(t.numel() for t in position_tables(net))
 
 
 @pytest.mark.parametrize("resolution,expected", [(256, 730_541_200), (512, 731_819_152)])
@@ -83,7 +84,7 @@ def test_masking_keeps_floor_and_restores_order():
     for i in range(5):
         assert set(torch.nonzero(rec.mask[i] == 0).flatten().tolist()) == set(rec.ids_keep[i].tolist())
     assert num_kept(10, 0.9) == 1 and num_kept(256, 0.5) == 128 and num_kept(100, 0.7) == 30
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"mask ratio must be in \[0, 1\), got 1.0"):
         num_kept(10, 1.0)
 
 
@@ -114,11 +115,18 @@ def test_the_trunk_sees_only_the_tokens_its_record_keeps():
 
 
 def test_without_a_record_every_token_is_seen_in_either_mode():
+    """The output depends on every input patch unless a record removes it, in training and in eval mode."""
     net = tiny()
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.05)
     x, sigma, y = torch.randn(2, 4, 8, 8), torch.ones(2), torch.tensor([0, 1])
-    assert torch.allclose(net.train()(x, sigma, y), net.eval()(x, sigma, y))  # no dropout, no hidden masking
+    assert torch.allclose(net.train()(x, sigma, y), net.eval()(x, sigma, y))  # no dropout, no mode-dependent masking
+    trunk, c_noise, onehot = net.model, torch.zeros(2), torch.nn.functional.one_hot(y, 10).float()
+    for mode in (trunk.train, trunk.eval):
+        mode()
+        assert torch.all(patch_sensitivity(trunk, x, c_noise, onehot, 2) > 0)  # all 16 patches reach F
+    rec = random_mask(2, 4, 0.5)  # the measure does see a removed patch: exactly 0 there, above 0 elsewhere
+    assert torch.equal(patch_sensitivity(trunk, x, c_noise, onehot, 2, rec) > 0, rec.mask == 0)
 
 
 def test_record_from_mask_rejects_ragged_masks():

@@ -47,7 +47,7 @@ def test_stale_lock_is_taken_over(tmp_path, monkeypatch, fields, reason):
 
 def test_torn_lock_counts_as_stale_once_old(tmp_path):
     (tmp_path / LOCK_FILE).write_text("{\"host\": \"no")  # a crash mid-write
-    with pytest.raises(RunDirBusy):
+    with pytest.raises(RunDirBusy, match=r"in use by pid \? on host \?"):  # a fresh torn file names no holder
         RunLock(tmp_path, say=print).acquire()
     old = time.time() - LOCK_STALE_S - 5
     os.utime(tmp_path / LOCK_FILE, (old, old))

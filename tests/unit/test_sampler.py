@@ -1,7 +1,9 @@
 """The EDM sampler: its noise schedule, its network calls, per-seed determinism, and uint8 conversion."""
+import pytest
 import torch
 
-from maskdit_ds.config import SamplerConfig
+from maskdit_ds.config import SamplerConfig, from_dict, load_config, validate
+from maskdit_ds.errors import ConfigError
 from maskdit_ds.data.transforms import to_uint8
 from maskdit_ds.diffusion.sampler import edm_sample, sample_seeds, sigma_schedule
 
@@ -29,7 +31,7 @@ def test_heun_uses_79_network_calls_and_euler_40():
     edm_sample(net, torch.randn(2, 1, 4, 4), torch.tensor([1, 2]), SamplerConfig(steps=40))
     assert net.calls == 79
     net.calls = 0
-    edm_sample(net, torch.randn(2, 1, 4, 4), torch.tensor([1, 2]), SamplerConfig(steps=40, heun=False))
+    edm_sample(net, torch.randn(2, 1, 4, 4), torch.tensor([1, 2]), SamplerConfig(steps=40, solver="euler"))
     assert net.calls == 40
 
 
@@ -50,3 +52,19 @@ def test_to_uint8_floor_and_round():
     assert to_uint8(x).shape == (1, 1, 6, 3)
 
 
+
+
+def test_sample_heun_of_older_configs_reads_as_the_solver(tmp_path):
+    """`sample.heun: true/false` (configs and run directories written before sample.solver) still means Heun or
+    Euler, in a YAML, an override or a stage's overrides; an override in either spelling wins over the file."""
+    old = tmp_path / "old.yaml"
+    old.write_text("base: digits\nsample:\n  heun: false\n")
+    assert load_config(str(old)).sample.solver == "euler"
+    assert load_config(str(old), ["sample.solver=heun"]).sample.solver == "heun"
+    assert load_config("digits", ["sample.heun=false"]).sample.solver == "euler"
+    # a stage's override beats the run's sample.solver (read together they would contradict each other)
+    validate(load_config("digits", ["train.stages=[{name: a, steps: 1, overrides: {sample.heun: false}}]"]))
+    with pytest.raises(ConfigError, match="sample.heun: True contradicts sample.solver: 'euler'"):
+        from_dict({"sample": {"heun": True, "solver": "euler"}})
+    with pytest.raises(ConfigError, match="sample.solver: 'rk4' is not one of heun, euler"):
+        validate(load_config("digits", ["sample.solver=rk4"]))

@@ -6,10 +6,11 @@ import torch
 
 from maskdit_ds.model import EDMPrecond, build_denoiser
 from maskdit_ds.model.layers import sincos_2d_table
-from maskdit_ds.model.flops import forward_flops, uvit_forward_flops
+from maskdit_ds.model.flops import forward_flops
 from maskdit_ds.model.masking import Masker, kept_tokens, make_mask
 from maskdit_ds.model.registry import MODELS, ModelSize
-from maskdit_ds.model.uvit import UViT
+from maskdit_ds.model.uvit import UViT, uvit_forward_flops
+from model_helpers import patch_sensitivity
 
 SIZES = {name: MODELS[name] for name in ("UViT-T/2", "UViT-Digits/2")}  # tiny sizes from the registry
 
@@ -85,9 +86,14 @@ def test_without_a_record_every_token_is_seen_and_a_record_changes_the_output():
     randomise(m)
     x, c, y = inputs()
     ref = m.eval()(x, c, y)
-    assert torch.equal(ref, m.train()(x, c, y))  # no hidden masking in either mode
-    masked = m(x, c, y, make_mask("random", 4, 4, 0.9))
+    assert torch.equal(ref, m.train()(x, c, y))  # no mode-dependent masking
+    for mode in (m.train, m.eval):
+        mode()
+        assert torch.all(patch_sensitivity(m, x, c, y, 2) > 0)  # every one of the 16 patches reaches the output
+    record = make_mask("random", 4, 4, 0.9)
+    masked = m(x, c, y, record)
     assert not torch.allclose(masked, ref, atol=1e-4)
+    assert torch.equal(patch_sensitivity(m, x, c, y, 2, record) > 0, record.mask == 0)  # only the kept ones
 
 
 def test_unconditional_label_embeds_to_zero_and_labels_matter():
