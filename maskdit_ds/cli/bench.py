@@ -9,17 +9,17 @@
         --align facebook/dinov2-base --align-depth 8                         # REPA's overhead, side by side
 """
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
+from .. import io
 from ..config import PRECISIONS, LossConfig
+from . import command, parser
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m maskdit_ds bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("bench", __doc__)
     p.add_argument("--model", default="MaskDiT-S/2", help="a name from maskdit_ds.model.registry.MODELS")
     p.add_argument("--input-size", type=int, default=32, help="latent (or pixel) side, e.g. 32 for 256 px")
     p.add_argument("--channels", type=int, default=4)
@@ -52,6 +52,7 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
+@command
 def main(argv=None) -> int:
     args = parse(argv)
     import torch
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     print(format_rows(rows, f"{args.model} {args.input_size}x{args.input_size}x{args.channels}, batch {args.batch}, "
                             f"{rows[0]['precision']}, {device}"))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        io.atomic_write_json(Path(args.json), rows)
     return 0
 
 

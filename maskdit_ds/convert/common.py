@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import ModelConfig
-from ..model import MODELS, build_denoiser
-from ..model.export import export_state
+from ..model import MODELS
+from ..model.export import expected_shapes, export_state, shape_problems
 from ..model.layers import sincos_2d_table
 
 PREFIX = "model."  # EDMPrecond wraps the trunk as .model
@@ -28,27 +28,9 @@ class ConversionError(ValueError):
     """The input cannot be converted; the message names the file, the key, and expected vs found."""
 
 
-def expected_shapes(model_cfg: ModelConfig) -> dict[str, tuple]:
-    """Our state-dict keys (with the `model.` prefix) and shapes, without allocating weights."""
-    with torch.device("meta"):
-        net = build_denoiser(model_cfg)
-    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
-
-
 def check_state(state: dict, expected: dict[str, tuple], source: str) -> None:
     """Fail before writing anything when keys are missing, unexpected, or shaped differently."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: expected {list(expected[k])}, found {list(state[k].shape)}"
-             for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {', '.join(unexpected[:10])}"
-                        f"{' ...' if len(unexpected) > 10 else ''}")
-    if wrong:
-        problems.append(f"{len(wrong)} shape mismatches: " + "; ".join(wrong[:10]))
+    problems = shape_problems(state, expected)
     if problems:
         raise ConversionError(f"{source}: " + " | ".join(problems))
 

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from ..errors import InputError
 from .latent_cache import cache_plan, finalize_cache, finished_shards, prepare_cache, read_meta, shard_range, write_shard
 
 # The globals a pickled numpy array or numpy scalar needs, under numpy 1 and numpy 2 module names.
@@ -30,7 +31,7 @@ _ALLOWED = {
 _NUMPY_CORE = "numpy._core" if int(np.__version__.split(".")[0]) >= 2 else "numpy.core"
 
 
-class RefusedPickle(pickle.UnpicklingError):
+class RefusedPickle(InputError, pickle.UnpicklingError):
     """A pickle asked for something other than a numpy array; it was not loaded."""
 
 
@@ -83,7 +84,7 @@ class LMDBLatents:
         try:
             import lmdb
         except ImportError:
-            raise ImportError("reading the MaskDiT LMDB release needs the `lmdb` package: pip install lmdb") from None
+            raise InputError(f"reading the MaskDiT LMDB release {path} needs the `lmdb` package: pip install lmdb") from None
         if not os.path.exists(path):
             raise FileNotFoundError(f"LMDB {path} does not exist")
         self.path = os.path.abspath(path)

@@ -171,8 +171,7 @@ def chunk_done(out: Path, index: int, expected: int) -> bool:
 
 def write_chunk(out: Path, index: int, images: np.ndarray, labels: np.ndarray, seeds) -> None:
     path = chunk_path(out, index)
-    with io.storage_guard(path, "sample chunk"), io.atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, images=images, labels=labels, seeds=np.asarray(seeds, dtype=np.int64))
+    io.atomic_save_npz(path, images=images, labels=labels, seeds=np.asarray(seeds, dtype=np.int64))
 
 
 def write_adm_npz(path: Path, chunk_files: list[Path], total: int) -> np.ndarray:
@@ -180,7 +179,7 @@ def write_adm_npz(path: Path, chunk_files: list[Path], total: int) -> np.ndarray
     arr_1 int64 (N,), which is returned. np.load and ADM's header-parsing reader both read it."""
     image_shape = NpzImages(chunk_files[0], key="images").shape[1:]  # the .npy header only
     labels = []
-    with io.storage_guard(path, "samples"), io.atomic_path(path) as tmp, \
+    with io.atomic_path(path, "samples") as tmp, \
             zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as member:
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,

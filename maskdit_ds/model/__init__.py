@@ -11,6 +11,8 @@ from .registry import MODELS, ModelSize, get_size
 from .uvit import UViT, UViTBlock
 
 BACKBONES = {"maskdit": MaskDiT, "uvit": UViT}  # ModelSize.backbone -> network class
+# What build_denoiser reads from its argument (config.ModelConfig's fields; an export's config.json "model")
+DENOISER_FIELDS = ("name", "input_size", "in_channels", "num_classes", "sigma_data")
 
 
 def trunk_blocks(net: nn.Module) -> list[nn.Module]:
@@ -19,7 +21,7 @@ def trunk_blocks(net: nn.Module) -> list[nn.Module]:
 
 
 def build_denoiser(model_cfg) -> EDMPrecond:
-    """model_cfg: a config.ModelConfig (or anything with name, input_size, in_channels, num_classes, sigma_data)."""
+    """model_cfg: a config.ModelConfig, or anything with the DENOISER_FIELDS as attributes."""
     size = get_size(model_cfg.name)
     if size.backbone not in BACKBONES:
         raise ValueError(f"model {model_cfg.name}: unknown backbone {size.backbone!r}")
@@ -32,7 +34,7 @@ def token_grid(model_cfg) -> int:
     return model_cfg.input_size // get_size(model_cfg.name).patch_size
 
 
-__all__ = ["BACKBONES", "MODELS", "STRATEGIES", "ModelSize", "MaskDiT", "UViT", "EDMPrecond", "MaskRecord", "Masker",
+__all__ = ["BACKBONES", "DENOISER_FIELDS", "MODELS", "STRATEGIES", "ModelSize", "MaskDiT", "UViT", "EDMPrecond", "MaskRecord", "Masker",
            "build_denoiser", "export", "export_state", "find_export", "forward_flops", "gemm_shapes", "get_size",
            "kept_tokens", "load_pretrained", "make_mask", "num_kept", "read_export_config", "token_grid",
            "train_flops", "trunk_blocks"]

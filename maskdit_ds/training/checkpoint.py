@@ -19,10 +19,11 @@ from safetensors.torch import load_file
 
 from .. import dist, io
 from ..config import Config, resume_changes, save_config
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..io import sha256_file
 from ..model.align import denoiser_state
-from ..model.export import EXPORT_WEIGHTS, export, find_export, list_exports, read_export_config
+from ..model.export import (check_export_matches, export, find_export, list_exports, load_export_state,
+                            read_export_config)
 from .engine import consolidated_fp32_state, unsafe_file
 from .state import TrainState, rng_state
 
@@ -248,8 +249,9 @@ def archive_previous(run_dir: Path) -> Path | None:
     return dest
 
 
-def init_from(path: Path, net, ema, state: TrainState, reset_ema: bool, say=print) -> dict:
-    """Start from another run: weights, EMA and step count; the optimizer starts fresh (docs/method.md §4)."""
+def init_from(path: Path, net, ema, state: TrainState, reset_ema: bool, say=print, model_cfg=None) -> dict:
+    """Start from another run: weights, EMA and step count; the optimizer starts fresh (docs/method.md §4).
+    An export folder is checked against its config.json and, given the run's `model_cfg`, against that."""
     path = Path(path)
     if (path / "checkpoints").is_dir():
         tag = latest_good_tag(path / "checkpoints", warn=say, verify_loads=unsafe_file)
@@ -265,9 +267,14 @@ def init_from(path: Path, net, ema, state: TrainState, reset_ema: bool, say=prin
         ema_weights = load_file(str(path / EMA_FILE))
         prior = load_rank_state(path, 0)["train"]
     else:
-        folder = find_export(path)
-        weights = ema_weights = load_file(str(folder / EXPORT_WEIGHTS))
-        prior = read_export_config(folder)
+        try:
+            folder = find_export(path)
+            prior = read_export_config(folder)
+            if model_cfg is not None:
+                check_export_matches(folder, prior, dataclasses.asdict(model_cfg))
+            weights = ema_weights = load_export_state(folder, prior)
+        except (InputError, FileNotFoundError) as err:
+            raise ConfigError(f"train.init_from: {err}") from None
     net.load_state_dict(weights)
     ema.load_state_dict(weights if reset_ema else ema_weights)
     # the lineage's cost continues: quality against device-hours counts the run it started from

@@ -155,7 +155,7 @@ def starting_point(cfg: Config, resume: str | None, net, ema) -> Start:
             skip_finished_stage(cfg, start, tag_dir)
     elif cfg.train.init_from:
         record = ckpt.init_from(Path(cfg.train.init_from), denoiser_of(net), ema, start.state, cfg.train.reset_ema,
-                                dist.print0)
+                                dist.print0, model_cfg=cfg.model)
         if dist.is_main():
             io.atomic_write_text(cfg.run_dir / "lineage.json", json.dumps({**ckpt.lineage(cfg), **record}, indent=2))
         dist.print0(f"[init] {record}")

@@ -174,7 +174,7 @@ def final_samples(cfg: Config, ema, logger: RunLogger, state=None) -> None:
     order = np.argsort(np.concatenate([p[0] for p in parts]))
     pixels = np.concatenate([p[1] for p in parts])[order]
     classes = np.concatenate([p[2] for p in parts])[order]
-    np.savez(cfg.run_dir / "samples.npz", arr_0=pixels, arr_1=classes)
+    io.atomic_save_npz(cfg.run_dir / "samples.npz", arr_0=pixels, arr_1=classes)
     from PIL import Image
 
     Image.fromarray(class_grid(pixels, classes)).save(cfg.run_dir / "samples.png")
