@@ -16,6 +16,7 @@ import torch.distributed as tdist
 
 LONG_WAIT = datetime.timedelta(hours=float(os.environ.get("MASKDIT_LONG_WAIT_H", 6)))
 _long_group = None
+_leavers: list = []  # see on_close()
 
 
 # ---------------------------------------------------------------- who am I
@@ -114,6 +115,29 @@ def destroy_process_group() -> None:
     if initialized():
         tdist.destroy_process_group()
     _long_group = None
+
+
+def on_close(leave) -> None:
+    """Have close() call `leave()` to leave the group, instead of destroying it here: whoever made the group and
+    keeps references to it (engine.py: DeepSpeed's cached groups) knows how to let go of them."""
+    _leavers.append(leave)
+
+
+def close() -> None:
+    """Leave the process group for good: the one place a command does it (cli.command, however the command ends).
+
+    Nothing of torch.distributed may outlive the command. A DeepSpeed engine and its optimizer hold each other
+    through hooks, so reference counting never frees them, and DeepSpeed caches a clone of the world group in a
+    module global; either kept a gloo group and its threads alive into the interpreter's teardown (seconds long,
+    in no fixed order), where a rank that had saved could abort ('terminate called without an active exception',
+    signal 6, so the launcher exited 250 instead of 75). So the cycles are collected first, then the groups are
+    left (with the references their maker keeps) and destroyed, which joins gloo's threads."""
+    import gc
+
+    gc.collect()
+    while _leavers:
+        _leavers.pop()()
+    destroy_process_group()
 
 
 # ---------------------------------------------------------------- collectives

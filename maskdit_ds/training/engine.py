@@ -31,6 +31,7 @@ def init_distributed() -> None:
     if dist.set_device().type == "cpu":
         skip_cpu_shm_op()
     deepspeed.init_distributed(verbose=False)
+    dist.on_close(deepspeed.comm.destroy_process_group)  # also drops DeepSpeed's cached groups
 
 
 def skip_cpu_shm_op() -> None:
@@ -167,9 +168,12 @@ class Engine:
         return out
 
     def release(self) -> None:
-        """Free the engine's buffers before the next stage builds a new one."""
-        self.ds.destroy() if hasattr(self.ds, "destroy") else None
-        del self.ds
+        """Free the engine's buffers (before the next stage builds a new one) and its hold on the process group;
+        once is enough, a second call does nothing."""
+        if getattr(self, "ds", None) is None:
+            return
+        self.ds.destroy()
+        self.ds = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

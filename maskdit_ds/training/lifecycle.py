@@ -71,8 +71,9 @@ class StopRequest:
             signal.signal(sig, self._on_signal)
         self._stop = threading.Event()
         self.watched = launcher_processes() if watch_launcher else []
+        self._watcher = threading.Thread(target=self._watch, args=(poll_s,), name="launcher-watch", daemon=True)
         if self.watched:
-            threading.Thread(target=self._watch, args=(poll_s,), name="launcher-watch", daemon=True).start()
+            self._watcher.start()
 
     def request(self, reason: str) -> None:
         if not self.requested:
@@ -96,11 +97,14 @@ class StopRequest:
                     os._exit(1)
                 return
 
-    def exiting(self) -> None:
-        """Saved (or finished); only the exit is left. `srun --kill-on-bad-exit` SIGTERMs the other ranks as soon
-        as the first one exits 75, and Python's shutdown restores the default (fatal) handlers, so a rank still
-        shutting down would end 143; ignoring the signals from here keeps every rank's code."""
+    def close(self) -> None:
+        """Saved (or finished, or failed); only the exit is left. The launcher watch ends (joined, so that no thread
+        of ours outlives the run), and the stop signals are ignored from here: `srun --kill-on-bad-exit` and
+        DeepSpeed's launcher SIGTERM the other ranks as soon as the first one exits 75, and Python's shutdown
+        restores the default (fatal) handlers, so a rank still shutting down would end 143."""
         self._stop.set()
+        if self._watcher.is_alive():
+            self._watcher.join()
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
 
@@ -144,7 +148,8 @@ class RunLock:
             with os.fdopen(fd, "w") as f:
                 json.dump(_holder(), f)
             self.held = True
-            threading.Thread(target=self._heartbeat, name="run-lock", daemon=True).start()
+            self._beat = threading.Thread(target=self._heartbeat, name="run-lock", daemon=True)
+            self._beat.start()
             return
         raise RunDirBusy(f"could not create {self.path}: another launch is taking it at the same moment")
 
@@ -172,6 +177,9 @@ class RunLock:
 
     def release(self) -> None:
         self._stop.set()
+        if getattr(self, "_beat", None) is not None:
+            self._beat.join()
+            self._beat = None
         if self.held:
             try:
                 if json.loads(self.path.read_text()).get("pid") == os.getpid():

@@ -68,10 +68,10 @@ def train_locked(cfg: Config) -> int:
     stages, state = stages_of(cfg), start.state
     total = state.step - state.stage_step + sum(s.steps for s in stages[state.stage:])
     logger = RunLogger(cfg.run_dir, dist.is_main(), total_steps=total, start_step=state.step)
-    try:  # the progress bar closes (ends its line) however the run ends
+    stop, stage = StopRequest(say=dist.print0), None
+    try:  # however the run ends, what it opened is closed here (see the finally)
         # the FID monitor fails on every rank, before training, if its weights or reference are wrong
-        run = Run(ema, state, logger, StopRequest(say=dist.print0), build_monitors(cfg), teacher,
-                  DeviceClock(dist.world_size()))
+        run = Run(ema, state, logger, stop, build_monitors(cfg), teacher, DeviceClock(dist.world_size()))
         for index in range(state.stage, len(stages)):
             stage = build_stage(stage_configs(cfg)[index], stages[index], index, dataset, start, logger.message)
             code = run_stage(stage, run)
@@ -85,9 +85,15 @@ def train_locked(cfg: Config) -> int:
 
         # 5. Samples from the EMA.
         final_samples(cfg, ema, logger, state)
-        run.stop.exiting()  # the run is complete: a late SLURM signal must not turn exit 0 into 143
         return 0
     finally:
+        # Everything that holds the process group or a thread goes before the command leaves the group: an engine
+        # left to the interpreter's shutdown kept DeepSpeed's group (and its gloo threads) alive into
+        # finalization, where a rank could abort after saving ('terminate called without an active exception').
+        if stage is not None:
+            stage.engine.release()
+            stage.loader.close()
+        stop.close()  # the run is over: a late SLURM signal must not turn its exit code into 143
         logger.close()
 
 
@@ -272,7 +278,6 @@ def run_stage(stage: Stage, run: Run) -> int | None:
             reasons = [r for r in dist.all_gather_objects(run.stop.reason) if r]
             run.logger.message(f"[stop] {reasons[0] if reasons else 'stop requested'}: saved step {state.step}, "
                                f"exiting {EXIT_PREEMPTED}")
-            run.stop.exiting()
             return EXIT_PREEMPTED
     health.flush()
     return None

@@ -61,7 +61,8 @@ def dry_run(cfg: Config, world: int) -> int:
 
 
 def prepare(cfg: Config, world: int) -> Config:
-    """Resolve `auto`, validate, and say what will run."""
+    """Resolve `auto`, validate (every stage's ds_config included), and say what will run. Nothing is written
+    before this has passed."""
     cfg, notes = resolve_auto(cfg)
     for note in notes:
         dist.print0(f"[precision] {note}")
@@ -72,6 +73,8 @@ def prepare(cfg: Config, world: int) -> Config:
                 dist.print0(f"warning: {warning}")
     for warning in validate(cfg, world):
         dist.print0(f"warning: {warning}")
+    for stage_cfg in stage_configs(cfg):
+        build_ds_config(stage_cfg, world)  # refuses a ds_config JSON that sets run-config keys
     return cfg
 
 
@@ -92,11 +95,11 @@ def lock_run_dir(cfg: Config) -> RunLock:
 def write_run_config(cfg: Config, world: int) -> None:
     """Rank 0, after the resume check: config.yaml (the previous one kept as config.prev.yaml when it differs)
     and the final DeepSpeed configs."""
+    ds_configs = [build_ds_config(c, world) for c in stage_configs(cfg)]  # may refuse: before any write
     path = cfg.run_dir / "config.yaml"
     if path.is_file() and (yaml.safe_load(path.read_text()) or {}) != cfg.to_dict():
         os.replace(path, cfg.run_dir / "config.prev.yaml")
     save_config(cfg, path)
-    ds_configs = [build_ds_config(c, world) for c in stage_configs(cfg)]
     io.atomic_write_text(cfg.run_dir / "ds_config.json", json.dumps(ds_configs[0] if len(ds_configs) == 1
                                                                     else ds_configs, indent=2))
 

@@ -139,7 +139,11 @@ class RunLogger:
             self.bar.write(text)
 
     def close(self) -> None:
+        """Flush and close the files, and end the writers' threads (TensorBoard's, tqdm's monitor)."""
         if self.enabled:
             self.bar.close()
             self.stats.close()
             self.tb.close()
+            monitor = getattr(type(self.bar), "monitor", None)
+            if monitor is not None:
+                monitor.exit()  # tqdm makes a new one for the next bar
