@@ -60,12 +60,12 @@ def main(argv=None) -> int:
     rank, world = rank_and_world(args.rank, args.world_size)
     device = str(dist.device()) if args.device == "auto" else args.device
     if args.vae_dtype == "fp16" and device == "cpu":
-        print("[cache] note: fp16 VAE on CPU is slow or unsupported on some CPUs; consider --vae-dtype fp32", file=sys.stderr)
+        dist.say("[cache] note: fp16 VAE on CPU is slow or unsupported on some CPUs; consider --vae-dtype fp32")
     source = open_source(args.source, args.split, args.image_column, args.label_column)
     vae, vae_info = load_vae(args.vae, args.vae_dtype, device, args.vae_subfolder, args.vae_config)
-    if rank == 0:
-        print(f"[cache] {len(source)} images, {len(source.label_names)} classes from {args.source}; "
-              f"world size {world}; VAE {vae_info['id']} ({args.vae_dtype}) on {device}", flush=True)
+    if rank == 0:  # --rank may override the launcher's rank (array jobs)
+        dist.say(f"[cache] {len(source)} images, {len(source.label_names)} classes from {args.source}; world size "
+                 f"{world}; VAE {vae_info['id']} ({args.vae_dtype}) on {device}")
     result = encode_to_cache(source, vae, vae_info, args.out, args.resolution, args.flip, args.moments_dtype,
                              args.shard_size, args.batch_size, args.num_workers, rank, world, args.max_shards,
                              args.wait_timeout, progress=not args.no_progress)

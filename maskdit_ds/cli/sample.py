@@ -8,7 +8,6 @@ Writes <out>/samples.npz, samples.json (settings, seeds, class counts, images/s)
 chunks in <out>/chunks are kept. Evaluate with `python -m maskdit_ds eval`.
 """
 
-import sys
 
 from ..config import PRECISIONS, SamplerConfig
 from ..generation import CLASS_MODES, GenerateConfig, run_generation

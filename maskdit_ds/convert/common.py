@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .. import dist
 from ..config import ModelConfig
 from ..model import MODELS
-from ..model.export import expected_shapes, export_state, shape_problems
+from ..model.export import export_state, shape_problems
 from ..model.layers import sincos_2d_table
 
 PREFIX = "model."  # EDMPrecond wraps the trunk as .model
@@ -43,9 +44,7 @@ def write_export(folder: Path, state: dict, model_cfg: ModelConfig, meta: dict) 
 
 
 def report(title: str, lines: list[str]) -> None:
-    print(f"[convert] {title}", flush=True)
-    for line in lines:
-        print(f"  {line}", flush=True)
+    dist.say(f"[convert] {title}" + "".join(f"\n  {line}" for line in lines))
 
 
 def model_config_from(values: dict, source: str) -> ModelConfig:

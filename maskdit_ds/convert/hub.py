@@ -6,6 +6,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+from .. import dist
 from ..io import atomic_path
 from ..model.export import EXPORT_CONFIG, EXPORT_WEIGHTS, find_export, load_export_state, read_export_config
 from .common import ConversionError, model_config_from, report
@@ -81,5 +82,5 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = False, token: str | 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=message)
-    print(f"[convert] pushed {folder} to {repo_id}: {info}", flush=True)
+    dist.say(f"[convert] pushed {folder} to {repo_id}: {info}")
     return str(info)

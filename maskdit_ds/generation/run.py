@@ -231,7 +231,7 @@ def run_generation(model_path, out, gcfg: GenerateConfig, progress: bool = True)
     gcfg.sampler.precision = sampling_precision(gcfg.sampler.precision)  # recorded as what ran (resume must match)
     record = settings_record(gcfg, folder, export_cfg)
     if dist.broadcast_from_main(already_complete(out, record) if dist.is_main() else None):
-        dist.print0(f"[generate] {out / NPZ_FILE} is already complete with these settings")
+        dist.say(f"[generate] {out / NPZ_FILE} is already complete with these settings")
         return out / NPZ_FILE if dist.is_main() else None
     error = None
     if dist.is_main():

@@ -23,6 +23,18 @@ warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is depreca
 RUN_CONFIG_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                    "optimizer", "scheduler", "gradient_clipping")
 
+# engine.optimizer -> DeepSpeed's AdamW parameters. torch's AdamW (ZeRO-supported, so no untested-optimizer
+# switch) needs no build; DeepSpeed's FusedAdam JIT-compiles CUDA code on first use (nvcc + ninja on every node,
+# 1-2 minutes per fresh node).
+OPTIMIZERS = {
+    "torch_fused": {"torch_adam": True, "fused": True},  # one fused kernel per step (CUDA; also CPU in torch 2.4+)
+    "torch": {"torch_adam": True},  # torch's foreach implementation
+    "deepspeed_fused": {},  # DeepSpeed FusedAdam (JIT build)
+}
+
+# torch reads it at each torch.load: set, every load is weights_only (safe_loads)
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
 
 def init_distributed() -> None:
     """gloo on CPU, nccl on GPU; srun tasks get RANK etc. from SLURM's variables."""
@@ -31,7 +43,16 @@ def init_distributed() -> None:
     if dist.set_device().type == "cpu":
         skip_cpu_shm_op()
     deepspeed.init_distributed(verbose=False)
-    dist.on_close(deepspeed.comm.destroy_process_group)  # also drops DeepSpeed's cached groups
+    dist.on_close(release_deepspeed_groups)
+
+
+def release_deepspeed_groups() -> None:
+    """DeepSpeed keeps a clone of the world group (deepspeed.utils.groups); destroying torch's groups leaves that
+    clone, and its gloo threads, alive until the interpreter's teardown. Its own teardown routine lets go of it
+    (what deepspeed.comm.destroy_process_group does after destroying the groups; no collective)."""
+    from deepspeed.utils import groups
+
+    groups._release_process_group_references()
 
 
 def skip_cpu_shm_op() -> None:
@@ -68,16 +89,6 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
             **OPTIMIZERS[optimizer_impl(cfg.engine.optimizer)]}},
     )
     return ds
-
-
-# engine.optimizer -> DeepSpeed's AdamW parameters. torch's AdamW (ZeRO-supported, so no untested-optimizer
-# switch) needs no build; DeepSpeed's FusedAdam JIT-compiles CUDA code on first use (nvcc + ninja on every node,
-# 1-2 minutes per fresh node).
-OPTIMIZERS = {
-    "torch_fused": {"torch_adam": True, "fused": True},  # one fused kernel per step (CUDA; also CPU in torch 2.4+)
-    "torch": {"torch_adam": True},  # torch's foreach implementation
-    "deepspeed_fused": {},  # DeepSpeed FusedAdam (JIT build)
-}
 
 
 def optimizer_impl(choice: str) -> str:
@@ -200,7 +211,7 @@ def avoid_inductor_avx2_vectorization() -> None:
 
     if str(pick_vec_isa()) == "avx2" and inductor_config.cpp.simdlen is None:
         inductor_config.cpp.simdlen = 1
-        dist.print0("[engine] torch.compile on an AVX2 CPU: inductor's AVX2 vector code gives NaNs for these "
+        dist.say("[engine] torch.compile on an AVX2 CPU: inductor's AVX2 vector code gives NaNs for these "
                     "blocks in torch 2.13, so the compiled kernels are scalar")
 
 
@@ -242,9 +253,6 @@ def safe_loads():
             os.environ.pop(FORCE_WEIGHTS_ONLY, None)
         else:
             os.environ[FORCE_WEIGHTS_ONLY] = saved
-
-
-FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 def unsafe_file(tag_dir: Path) -> str | None:

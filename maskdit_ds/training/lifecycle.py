@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 
+from .. import dist
 from ..errors import EXIT_PREEMPTED, RunDirBusy
 from ..io import atomic_write_text
 LAUNCHERS = ("deepspeed.launcher.launch", "deepspeed.launcher.runner", "bin/deepspeed", "torch.distributed.run",
@@ -65,8 +66,8 @@ class StopRequest:
     launcher vanished (a rank stuck in a collective whose peer died), the process exits with code 1.
     """
 
-    def __init__(self, say=print, watch_launcher: bool = True, poll_s: float = 1.0):
-        self.requested, self.reason, self.say = False, "", say
+    def __init__(self, watch_launcher: bool = True, poll_s: float = 1.0):
+        self.requested, self.reason = False, ""
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         self._stop = threading.Event()
@@ -78,7 +79,7 @@ class StopRequest:
     def request(self, reason: str) -> None:
         if not self.requested:
             self.requested, self.reason = True, reason
-            self.say(f"[stop] {reason}: saving at the next step boundary, then exiting {EXIT_PREEMPTED}")
+            dist.say(f"[stop] {reason}: saving at the next step boundary, then exiting {EXIT_PREEMPTED}")
 
     def _on_signal(self, signum, frame):
         if signum == signal.SIGINT and self.requested:
@@ -92,7 +93,7 @@ class StopRequest:
             if gone:
                 self.request(f"the launcher (pid {gone[0][0]}: {gone[0][1][:80]}) exited")
                 if not self._stop.wait(ORPHAN_GRACE_S):
-                    self.say(f"[stop] no step boundary within {ORPHAN_GRACE_S:.0f} s of the launcher's exit: "
+                    dist.say(f"[stop] no step boundary within {ORPHAN_GRACE_S:.0f} s of the launcher's exit: "
                              "exiting without a final save")
                     os._exit(1)
                 return
@@ -133,8 +134,8 @@ def stale_reason(lock: dict, now: float | None = None) -> str | None:
 class RunLock:
     """<run_dir>/run.lock, created exclusively; a stale lock (dead holder) is taken over with a message."""
 
-    def __init__(self, run_dir: Path, say=print):
-        self.path, self.say, self.held = Path(run_dir) / LOCK_FILE, say, False
+    def __init__(self, run_dir: Path):
+        self.path, self.held = Path(run_dir) / LOCK_FILE, False
         self._stop = threading.Event()
 
     def acquire(self) -> None:
@@ -168,7 +169,7 @@ class RunLock:
                 + (f" (SLURM job {lock['slurm_job']})" if lock.get("slurm_job") else "")
                 + f", alive {age:.0f} s ago; stop that run first or choose another run.name "
                 f"(if that process is really gone, delete {self.path})")
-        self.say(f"[lock] taking over {self.path}: {reason}")
+        dist.say(f"[lock] taking over {self.path}: {reason}")
         self.path.unlink(missing_ok=True)
 
     def _heartbeat(self) -> None:

@@ -68,12 +68,12 @@ def train_locked(cfg: Config) -> int:
     stages, state = stages_of(cfg), start.state
     total = state.step - state.stage_step + sum(s.steps for s in stages[state.stage:])
     logger = RunLogger(cfg.run_dir, dist.is_main(), total_steps=total, start_step=state.step)
-    stop, stage = StopRequest(say=dist.print0), None
+    stop, stage = StopRequest(), None
     try:  # however the run ends, what it opened is closed here (see the finally)
         # the FID monitor fails on every rank, before training, if its weights or reference are wrong
         run = Run(ema, state, logger, stop, build_monitors(cfg), teacher, DeviceClock(dist.world_size()))
         for index in range(state.stage, len(stages)):
-            stage = build_stage(stage_configs(cfg)[index], stages[index], index, dataset, start, logger.message)
+            stage = build_stage(stage_configs(cfg)[index], stages[index], index, dataset, start)
             code = run_stage(stage, run)
             if code is not None:
                 return code
@@ -103,7 +103,7 @@ def build_teacher(cfg: Config) -> Teacher:
     dtype = DTYPES[sampling_precision("auto")]  # inference precision: bf16 (fp16) on GPUs, fp32 on CPUs
     teacher = load_teacher(cfg.loss.align_teacher, cfg.loss.align_teacher_resolution, token_grid(cfg.model),
                            dist.device(), dtype)
-    dist.print0(f"[align] teacher {cfg.loss.align_teacher}: {teacher.dim}-d patch features at "
+    dist.say(f"[align] teacher {cfg.loss.align_teacher}: {teacher.dim}-d patch features at "
                 f"{teacher.resolution} px ({teacher.patch_grid}x{teacher.patch_grid} patches -> the "
                 f"{teacher.grid}x{teacher.grid} token grid), {next(teacher.parameters()).dtype}, frozen")
     return teacher
@@ -155,16 +155,16 @@ def starting_point(cfg: Config, resume: str | None, net, ema) -> Start:
         start.rank_state = ckpt.load_rank_state(state_dir, dist.rank())
         start.state, start.data_state = TrainState(**start.rank_state["train"]), start.rank_state["data"]
         ema.load_state_dict(load_file(str(tag_dir / ckpt.EMA_FILE)))
-        dist.print0(f"[resume] from {tag_dir} (step {start.state.step}, stage {start.state.stage})"
+        dist.say(f"[resume] from {tag_dir} (step {start.state.step}, stage {start.state.stage})"
                     + (f", resharded to {dist.world_size()} ranks via {state_dir}" if start.universal else ""))
         if start.state.stage_step >= stages_of(cfg)[start.state.stage].steps:
             skip_finished_stage(cfg, start, tag_dir)
     elif cfg.train.init_from:
         record = ckpt.init_from(Path(cfg.train.init_from), denoiser_of(net), ema, start.state, cfg.train.reset_ema,
-                                dist.print0, model_cfg=cfg.model)
+                                dist.say, model_cfg=cfg.model)
         if dist.is_main():
             io.atomic_write_text(cfg.run_dir / "lineage.json", json.dumps({**ckpt.lineage(cfg), **record}, indent=2))
-        dist.print0(f"[init] {record}")
+        dist.say(f"[init] {record}")
     return start
 
 
@@ -176,7 +176,7 @@ def skip_finished_stage(cfg: Config, start: Start, tag_dir: Path) -> None:
     start.rank_state, start.ds_tag = None, None
     start.state.stage, start.state.stage_step = start.state.stage + 1, 0
     if start.state.stage == len(stages_of(cfg)):
-        dist.print0(f"[resume] training already finished at step {start.state.step}; nothing left to train")
+        dist.say(f"[resume] training already finished at step {start.state.step}; nothing left to train")
 
 
 # ---------------------------------------------------------------- one stage
@@ -207,7 +207,7 @@ class Run:
     clock: DeviceClock
 
 
-def build_stage(cfg: Config, plan, index: int, dataset, start: Start, say) -> Stage:
+def build_stage(cfg: Config, plan, index: int, dataset, start: Start) -> Stage:
     """The stage's loader (at the carried data position) and engine (with a resumed tag's DeepSpeed state)."""
     loader = ResumableLoader(dataset, cfg.train.micro_batch, dist.rank(), dist.world_size(), cfg.run.seed,
                              num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
@@ -219,7 +219,7 @@ def build_stage(cfg: Config, plan, index: int, dataset, start: Start, say) -> St
         engine.load(cfg.run_dir / "checkpoints", start.ds_tag)
         set_rng_state(start.rank_state["rng"])
         start.rank_state, start.ds_tag = None, None
-    say(f"[stage {index}] {plan.name}: {plan.steps} steps, {cfg.engine.precision}, mask ratio {cfg.mask.ratio}, "
+    dist.say(f"[stage {index}] {plan.name}: {plan.steps} steps, {cfg.engine.precision}, mask ratio {cfg.mask.ratio}, "
         f"lr {cfg.optim.lr}")
     return Stage(cfg, index, plan.name, plan.steps, engine, loader)
 
@@ -272,11 +272,11 @@ def run_stage(stage: Stage, run: Run) -> int | None:
         if state.step % cfg.train.ckpt_every == 0 or last or health.stop:
             health.flush()  # never save after a non-finite step; and every rank agrees on stopping here
             run.clock.charge(state, agree=True)
-            ckpt.save_checkpoint(cfg, engine, run.ema, state, stage.loader, run.logger.message)
+            ckpt.save_checkpoint(cfg, engine, run.ema, state, stage.loader, dist.say)
         run.logger.advance()
         if health.stop:
             reasons = [r for r in dist.all_gather_objects(run.stop.reason) if r]
-            run.logger.message(f"[stop] {reasons[0] if reasons else 'stop requested'}: saved step {state.step}, "
+            dist.say(f"[stop] {reasons[0] if reasons else 'stop requested'}: saved step {state.step}, "
                                f"exiting {EXIT_PREEMPTED}")
             return EXIT_PREEMPTED
     health.flush()

@@ -65,14 +65,14 @@ def prepare(cfg: Config, world: int) -> Config:
     before this has passed."""
     cfg, notes = resolve_auto(cfg)
     for note in notes:
-        dist.print0(f"[precision] {note}")
+        dist.say(f"[precision] {note}")
     if dist.is_main():
         for precision in sorted({c.engine.precision for c in stage_configs(cfg)}):
             warning = half_precision_warning(precision)
             if warning:
-                dist.print0(f"warning: {warning}")
+                dist.say(f"warning: {warning}")
     for warning in validate(cfg, world):
-        dist.print0(f"warning: {warning}")
+        dist.say(f"warning: {warning}")
     for stage_cfg in stage_configs(cfg):
         build_ds_config(stage_cfg, world)  # refuses a ds_config JSON that sets run-config keys
     return cfg
@@ -80,7 +80,7 @@ def prepare(cfg: Config, world: int) -> Config:
 
 def lock_run_dir(cfg: Config) -> RunLock:
     """Collective: rank 0 takes <run_dir>/run.lock; every rank raises RunDirBusy if another run holds it."""
-    lock, error = RunLock(cfg.run_dir, say=dist.print0), None
+    lock, error = RunLock(cfg.run_dir), None
     if dist.is_main():
         try:
             lock.acquire()

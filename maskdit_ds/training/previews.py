@@ -185,4 +185,4 @@ def final_samples(cfg: Config, ema, logger: RunLogger, state=None) -> None:
     if cfg.data.source == "digits":  # the built-in example: a classifier trained on the real digits judges
         report["digits_class_agreement"] = judge_digits(DigitsJudge(), pixels, classes)
     io.atomic_write_text(cfg.run_dir / "samples.json", json.dumps(report, indent=2))
-    logger.message(f"[samples] wrote {cfg.run_dir / 'samples.npz'}: {json.dumps(report)}")
+    dist.say(f"[samples] wrote {cfg.run_dir / 'samples.npz'}: {json.dumps(report)}")

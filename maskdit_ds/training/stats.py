@@ -134,10 +134,6 @@ class RunLogger:
         if self.enabled:
             self.bar.update(steps)
 
-    def message(self, text: str) -> None:
-        if self.enabled:
-            self.bar.write(text)
-
     def close(self) -> None:
         """Flush and close the files, and end the writers' threads (TensorBoard's, tqdm's monitor)."""
         if self.enabled:
