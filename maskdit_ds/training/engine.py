@@ -212,7 +212,7 @@ def avoid_inductor_avx2_vectorization() -> None:
     if str(pick_vec_isa()) == "avx2" and inductor_config.cpp.simdlen is None:
         inductor_config.cpp.simdlen = 1
         dist.say("[engine] torch.compile on an AVX2 CPU: inductor's AVX2 vector code gives NaNs for these "
-                    "blocks in torch 2.13, so the compiled kernels are scalar")
+                 "blocks in torch 2.13, so the compiled kernels are scalar")
 
 
 def consolidated_fp32_state(tag_dir: Path) -> dict:

@@ -104,8 +104,8 @@ def build_teacher(cfg: Config) -> Teacher:
     teacher = load_teacher(cfg.loss.align_teacher, cfg.loss.align_teacher_resolution, token_grid(cfg.model),
                            dist.device(), dtype)
     dist.say(f"[align] teacher {cfg.loss.align_teacher}: {teacher.dim}-d patch features at "
-                f"{teacher.resolution} px ({teacher.patch_grid}x{teacher.patch_grid} patches -> the "
-                f"{teacher.grid}x{teacher.grid} token grid), {next(teacher.parameters()).dtype}, frozen")
+             f"{teacher.resolution} px ({teacher.patch_grid}x{teacher.patch_grid} patches -> the "
+             f"{teacher.grid}x{teacher.grid} token grid), {next(teacher.parameters()).dtype}, frozen")
     return teacher
 
 
@@ -156,7 +156,7 @@ def starting_point(cfg: Config, resume: str | None, net, ema) -> Start:
         start.state, start.data_state = TrainState(**start.rank_state["train"]), start.rank_state["data"]
         ema.load_state_dict(load_file(str(tag_dir / ckpt.EMA_FILE)))
         dist.say(f"[resume] from {tag_dir} (step {start.state.step}, stage {start.state.stage})"
-                    + (f", resharded to {dist.world_size()} ranks via {state_dir}" if start.universal else ""))
+                 + (f", resharded to {dist.world_size()} ranks via {state_dir}" if start.universal else ""))
         if start.state.stage_step >= stages_of(cfg)[start.state.stage].steps:
             skip_finished_stage(cfg, start, tag_dir)
     elif cfg.train.init_from:
@@ -219,8 +219,8 @@ def build_stage(cfg: Config, plan, index: int, dataset, start: Start) -> Stage:
         engine.load(cfg.run_dir / "checkpoints", start.ds_tag)
         set_rng_state(start.rank_state["rng"])
         start.rank_state, start.ds_tag = None, None
-    dist.say(f"[stage {index}] {plan.name}: {plan.steps} steps, {cfg.engine.precision}, mask ratio {cfg.mask.ratio}, "
-        f"lr {cfg.optim.lr}")
+    dist.say(f"[stage {index}] {plan.name}: {plan.steps} steps, {cfg.engine.precision}, mask ratio "
+             f"{cfg.mask.ratio}, lr {cfg.optim.lr}")
     return Stage(cfg, index, plan.name, plan.steps, engine, loader)
 
 
@@ -277,7 +277,7 @@ def run_stage(stage: Stage, run: Run) -> int | None:
         if health.stop:
             reasons = [r for r in dist.all_gather_objects(run.stop.reason) if r]
             dist.say(f"[stop] {reasons[0] if reasons else 'stop requested'}: saved step {state.step}, "
-                               f"exiting {EXIT_PREEMPTED}")
+                     f"exiting {EXIT_PREEMPTED}")
             return EXIT_PREEMPTED
     health.flush()
     return None
