@@ -12,6 +12,8 @@ import torch
 
 import ckpt_helpers as _ckpt_helpers
 import launch as _launch
+from maskdit_ds.errors import InputError
+from maskdit_ds.model.export import EXPORT_WEIGHTS
 from maskdit_ds.training import checkpoint as ckpt
 from maskdit_ds.training.engine import safe_loads, unsafe_file
 
@@ -95,8 +97,8 @@ def test_tampered_export_cannot_run_code(tmp_path):
     export = tmp_path / "export"
     shutil.copytree(_ckpt_helpers.trained_run() / "export" / "step_0000002", export)
     marker = tmp_path / "pwned"
-    torch.save({"w": RunsAShellCommand(marker)}, export / ckpt.EXPORT_WEIGHTS)
-    with pytest.raises(Exception):
+    torch.save({"w": RunsAShellCommand(marker)}, export / EXPORT_WEIGHTS)
+    with pytest.raises(InputError, match=f"{export / EXPORT_WEIGHTS}: not a readable safetensors file"):
         maskdit_ds.load_pretrained(export)
     assert not marker.exists()
 
