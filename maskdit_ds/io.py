@@ -71,6 +71,13 @@ def atomic_save_npz(path: Path, **arrays) -> None:
         np.savez(f, **arrays)
 
 
+def atomic_save_image(image, path: Path) -> None:
+    """A PIL image to `path` (its format from the suffix), atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"))
+
+
 def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 

@@ -289,7 +289,7 @@ def finish(out: Path, chunks, record: dict, vae_info, gcfg: GenerateConfig, gene
     if gcfg.grid:
         from PIL import Image
 
-        Image.fromarray(image_grid(firsts[:gcfg.grid])).save(out / GRID_FILE)
+        io.atomic_save_image(Image.fromarray(image_grid(firsts[:gcfg.grid])), out / GRID_FILE)
     counts = np.bincount(labels, minlength=record["model_config"]["num_classes"]).tolist()
     report = {**record, "arr_0_shape": [gcfg.num_images, *firsts.shape[1:]], "class_counts": counts, "vae_info": vae_info,
               "this_invocation": {"images": generated, "seconds": round(elapsed, 3), "world_size": dist.world_size(),

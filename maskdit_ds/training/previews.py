@@ -177,7 +177,7 @@ def final_samples(cfg: Config, ema, logger: RunLogger, state=None) -> None:
     io.atomic_save_npz(cfg.run_dir / "samples.npz", arr_0=pixels, arr_1=classes)
     from PIL import Image
 
-    Image.fromarray(class_grid(pixels, classes)).save(cfg.run_dir / "samples.png")
+    io.atomic_save_image(Image.fromarray(class_grid(pixels, classes)), cfg.run_dir / "samples.png")
     report = {"num_samples": int(n), "guidance": cfg.sample.guidance, "steps": cfg.sample.steps}
     if state is not None:  # what the model cost to train
         report["training"] = {"run": cfg.run.name, "step": state.step, "images_seen": state.images_seen,

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import dist
-from ..io import atomic_write_text
+from ..io import atomic_write_text, storage_guard
 
 
 def peak_memory_gb() -> float:
@@ -117,8 +117,9 @@ class RunLogger:
     def scalars(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        self.stats.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
-        self.stats.flush()
+        with storage_guard(Path(self.stats.name), "stats"):
+            self.stats.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+            self.stats.flush()
         for key, value in values.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.tb.add_scalar(key, value, step)

@@ -219,3 +219,16 @@ def test_a_ds_config_that_sets_the_optimizer_is_refused_before_the_run_directory
         done.stderr[-2000:]
     assert (run / "config.yaml").read_text() == "run: {name: r}\n# the earlier run's config\n"
     assert sorted(p.name for p in run.iterdir()) == before
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "eval", "cache", "import-latents", "convert", "bench",
+                                     "report"])
+def test_every_command_builds_its_parser_the_one_way(command, capsys):
+    """cli.parser: the command's name in the usage line and its module docstring kept as written."""
+    from maskdit_ds.__main__ import COMMANDS, main
+
+    with pytest.raises(SystemExit, match="^0$"):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    doc = __import__(f"maskdit_ds.cli.{COMMANDS[command]}", fromlist=["_"]).__doc__
+    assert out.startswith(f"usage: python -m maskdit_ds {command} ") and doc.splitlines()[0] in out
