@@ -7,7 +7,7 @@ import json
 import math
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import yaml
 
@@ -441,6 +441,7 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, _stage:
     from .model.registry import MODELS
 
     m, d, t = cfg.model, cfg.data, cfg.train
+    check_run_name(cfg.run)
     _check(m.name in MODELS, f"model.name: unknown model {m.name!r}; known: {', '.join(sorted(MODELS))}")
     patch = MODELS[m.name].patch_size
     _check(m.input_size > 0 and m.input_size % patch == 0,
@@ -512,6 +513,14 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, _stage:
     if not _stage:
         warnings += ema_warnings(cfg, sum(s.steps for s in stages))
     return sorted(set(warnings))
+
+
+def check_run_name(run: RunConfig) -> None:
+    """run.name is a folder inside run.out_dir: relative, without '..', and not the out_dir itself."""
+    parts = PurePath(run.name).parts
+    _check(bool(parts) and not PurePath(run.name).is_absolute() and ".." not in parts and set(parts) != {"."},
+           f"run.name: {run.name!r} must name a folder inside run.out_dir ({run.out_dir}): a relative path "
+           "without '..'")
 
 
 # The projector's shape and input: one value for the whole run (a stage may change only weight and until_step).

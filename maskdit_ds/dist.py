@@ -10,12 +10,14 @@ from __future__ import annotations
 import datetime
 import os
 import subprocess
+import sys
 
 import torch
 import torch.distributed as tdist
 
 LONG_WAIT = datetime.timedelta(hours=float(os.environ.get("MASKDIT_LONG_WAIT_H", 6)))
 _long_group = None
+_releases: list = []  # see on_close()
 
 
 # ---------------------------------------------------------------- who am I
@@ -74,9 +76,15 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def print0(*args, **kwargs) -> None:
+def say(text: str) -> None:
+    """The one way the package speaks while it works: on rank 0, one line "[topic] message" (or "warning: ...")
+    on stdout, written above the progress bar when one is showing (tqdm.write), never through it. Results a
+    command prints (a report, a dry run) and the refusal line (errors.py) are not messages."""
     if is_main():
-        print(*args, **kwargs, flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stdout)
+        sys.stdout.flush()
 
 
 def device() -> torch.device:
@@ -114,6 +122,29 @@ def destroy_process_group() -> None:
     if initialized():
         tdist.destroy_process_group()
     _long_group = None
+
+
+def on_close(release) -> None:
+    """Have close() call `release()` once the groups are destroyed: whoever made the group and keeps references to
+    it (engine.py: DeepSpeed's cached groups) lets go of them there."""
+    _releases.append(release)
+
+
+def close() -> None:
+    """Leave the process group for good: the one place a command does it (cli.command, however the command ends).
+
+    Nothing of torch.distributed may outlive the command. A DeepSpeed engine and its optimizer hold each other
+    through hooks, so reference counting never frees them, and DeepSpeed caches a clone of the world group in a
+    module global; either kept a gloo group and its threads alive into the interpreter's teardown (seconds long,
+    in no fixed order), where a rank that had saved could abort ('terminate called without an active exception',
+    signal 6, so the launcher exited 250 instead of 75). So the cycles are collected first, then every group is
+    destroyed and the references their makers keep are released: the last one gone joins gloo's threads."""
+    import gc
+
+    gc.collect()
+    destroy_process_group()
+    while _releases:
+        _releases.pop()()
 
 
 # ---------------------------------------------------------------- collectives

@@ -9,18 +9,18 @@
         --align facebook/dinov2-base --align-depth 8                         # REPA's overhead, side by side
 """
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
+from .. import io
 from ..config import ENGINE_PRECISIONS, LossConfig
 from ..model import MODELS, STRATEGIES
+from . import command, parser
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m maskdit_ds bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("bench", __doc__)
     p.add_argument("--model", default="MaskDiT-S/2", choices=list(MODELS), metavar="NAME",
                    help="a registered model size (model.name), e.g. MaskDiT-XL/2")
     p.add_argument("--input-size", type=int, default=32, help="latent (or pixel) side, e.g. 32 for 256 px")
@@ -54,6 +54,7 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
+@command
 def main(argv=None) -> int:
     args = parse(argv)
     import torch
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     print(format_rows(rows, f"{args.model} {args.input_size}x{args.input_size}x{args.channels}, batch {args.batch}, "
                             f"{rows[0]['precision']}, {device}"))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        io.atomic_write_json(Path(args.json), rows)
     return 0
 
 

@@ -10,7 +10,6 @@ Launch (one shard of the work per rank; re-run the same command to resume after 
 Rank 0 waits for every shard, validates the cache and writes meta.json and skipped.jsonl.
 """
 
-import argparse
 import json
 import sys
 
@@ -18,12 +17,12 @@ from .. import dist
 from ..data.latent_cache import encode_to_cache, rank_and_world
 from ..data.sources import open_source
 from ..data.vae import load_vae
-from ..errors import StorageError
 from ..hardware import sampling_precision
+from . import command, parser
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m maskdit_ds cache", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse(argv=None):
+    p = parser("cache", __doc__)
     p.add_argument("--source", required=True, help="image folder (<root>[/<split>]/<class>/<image>), a datasets "
                    "save_to_disk folder, or hf:<hub name> (e.g. hf:ILSVRC/imagenet-1k)")
     p.add_argument("--split", default="train", help="split (folder name or dataset split); default train")
@@ -54,28 +53,25 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@command
 def main(argv=None) -> int:
     import datasets
 
-    args = parse_args(argv)
+    args = parse(argv)
     datasets.disable_progress_bars()  # one bar (ours) per shard write is enough
     rank, world = rank_and_world(args.rank, args.world_size)
     device = str(dist.device()) if args.device == "auto" else args.device
     args.vae_dtype = sampling_precision(args.vae_dtype)  # what ran is recorded in the cache
     if args.vae_dtype == "fp16" and device == "cpu":
-        print("[cache] note: fp16 VAE on CPU is slow or unsupported on some CPUs; consider --vae-dtype fp32", file=sys.stderr)
+        dist.say("[cache] note: fp16 VAE on CPU is slow or unsupported on some CPUs; consider --vae-dtype fp32")
     source = open_source(args.source, args.split, args.image_column, args.label_column)
     vae, vae_info = load_vae(args.vae, args.vae_dtype, device, args.vae_subfolder, args.vae_config)
-    if rank == 0:
-        print(f"[cache] {len(source)} images, {len(source.label_names)} classes from {args.source}; "
-              f"world size {world}; VAE {vae_info['id']} ({args.vae_dtype}) on {device}", flush=True)
-    try:
-        result = encode_to_cache(source, vae, vae_info, args.out, args.resolution, args.flip, args.moments_dtype,
-                                 args.shard_size, args.batch_size, args.num_workers, rank, world, args.max_shards,
-                                 args.wait_timeout, progress=not args.no_progress)
-    except StorageError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 4
+    if rank == 0:  # --rank may override the launcher's rank (array jobs)
+        dist.say(f"[cache] {len(source)} images, {len(source.label_names)} classes from {args.source}; world size "
+                 f"{world}; VAE {vae_info['id']} ({args.vae_dtype}) on {device}")
+    result = encode_to_cache(source, vae, vae_info, args.out, args.resolution, args.flip, args.moments_dtype,
+                             args.shard_size, args.batch_size, args.num_workers, rank, world, args.max_shards,
+                             args.wait_timeout, progress=not args.no_progress)
     meta = result.pop("meta", None)
     if meta is not None:
         result.update(count=meta["count"], num_skipped=meta["num_skipped"])

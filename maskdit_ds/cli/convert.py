@@ -14,11 +14,11 @@ import argparse
 import sys
 
 from .. import convert
-from ..errors import ReshardError
+from . import command, parser
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m maskdit_ds convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse(argv=None) -> argparse.Namespace:
+    p = parser("convert", __doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     z = sub.add_parser("zero", help="a ZeRO checkpoint tag of our runs -> export folder(s)")
@@ -53,29 +53,26 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("tag_dir")
     s.add_argument("--world-size", type=int, required=True)
     s.add_argument("--workers", type=int, default=1, help="ds_to_universal extract/merge processes")
-    return p
+    return p.parse_args(argv)
 
 
+@command
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        if args.command == "zero":
-            convert.convert_zero(args.tag_dir, args.out, args.weights)
-        elif args.command in ("paper", "reference"):
-            convert.convert_paper(args.file, args.out, args.use, args.model, args.input_size)
-        elif args.command == "dit":
-            convert.convert_dit(args.file, args.out, args.use, args.model, args.input_size, args.seed)
-        elif args.command == "hub":
-            convert.make_hub_folder(args.source, args.out, args.title)
-        elif args.command == "push":
-            convert.push_to_hub(args.folder, args.repo_id, args.private, args.token)
-        elif args.command == "reshard":
-            from ..training.checkpoint.reshard import reshard  # imports deepspeed: only for this command
+    args = parse(argv)
+    if args.command == "zero":
+        convert.convert_zero(args.tag_dir, args.out, args.weights)
+    elif args.command in ("paper", "reference"):
+        convert.convert_paper(args.file, args.out, args.use, args.model, args.input_size)
+    elif args.command == "dit":
+        convert.convert_dit(args.file, args.out, args.use, args.model, args.input_size, args.seed)
+    elif args.command == "hub":
+        convert.make_hub_folder(args.source, args.out, args.title)
+    elif args.command == "push":
+        convert.push_to_hub(args.folder, args.repo_id, args.private, args.token)
+    elif args.command == "reshard":
+        from ..training.checkpoint.reshard import reshard  # imports deepspeed: only for this command
 
-            reshard(args.tag_dir, args.world_size, args.workers)
-    except (convert.ConversionError, ReshardError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        reshard(args.tag_dir, args.world_size, args.workers)
     return 0
 
 

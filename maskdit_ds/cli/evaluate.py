@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 
 from .. import io
+from ..errors import InputError
 from ..evaluation import (PT_INCEPTION_SHA256, build_extractor, build_reference, download_weights, evaluate_npz,
                           format_report)
+from . import command, parser
 
 
 def add_common(p: argparse.ArgumentParser):
@@ -33,7 +35,7 @@ def add_common(p: argparse.ArgumentParser):
 
 
 def parse_eval(argv):
-    p = argparse.ArgumentParser(prog="python -m maskdit_ds eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("eval", __doc__)
     p.add_argument("samples", help=".npz with arr_0 uint8 (N, H, W, 3)")
     p.add_argument("ref", help="reference batch .npz (arr_0 plus optional mu, sigma, mu_s, sigma_s)")
     p.add_argument("--out", help="write the metrics JSON here")
@@ -49,7 +51,7 @@ def parse_eval(argv):
 
 
 def parse_ref(argv):
-    p = argparse.ArgumentParser(prog="python -m maskdit_ds eval ref", description="Build an ADM-format reference batch.")
+    p = parser("eval ref", "Build an ADM-format reference batch.")
     p.add_argument("--images", required=True, help="folder of images (recursive) or .npz with arr_0 uint8 NHWC")
     p.add_argument("--out", required=True, help="reference .npz to write")
     p.add_argument("--resolution", type=int, help="ADM centre crop of every image to this size")
@@ -61,7 +63,7 @@ def parse_ref(argv):
 
 def extractor_from(args):
     if not args.weights and not args.download_weights:
-        sys.exit("error: pass --weights PATH (or --download-weights on a machine with internet)")
+        raise InputError("pass --weights PATH (or --download-weights on a machine with internet)")
     weights = args.weights or download_weights()
     expected = None if args.no_verify_weights else args.weights_sha256
     return build_extractor(weights, args.device, args.batch_size, expected_sha256=expected)
@@ -80,7 +82,8 @@ def training_record(samples: str) -> dict:
     return {"training": record} if isinstance(record, dict) else {}
 
 
-def main(argv=None):
+@command
+def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["ref"]:
         args = parse_ref(argv[1:])

@@ -6,19 +6,15 @@ Pickled .latent/.cls members are read with a restricted unpickler (numpy arrays 
 Re-running the same command resumes at the first missing shard.
 """
 
-import argparse
 import json
 import sys
 
+from ..data.release_import import import_release, open_release
+from . import command, parser
 
-from ..data.release_import import RefusedPickle, import_release, open_release
-from ..errors import StorageError
 
-
-def main(argv=None) -> int:
-    import datasets
-
-    p = argparse.ArgumentParser(prog="python -m maskdit_ds import-latents", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse(argv=None):
+    p = parser("import-latents", __doc__)
     p.add_argument("--reference", required=True, nargs="+", help="LMDB folder, or tar files / folders / globs")
     p.add_argument("--out", required=True, help="cache directory to create (or resume)")
     p.add_argument("--resolution", type=int, default=None, help="default: latent size x 8")
@@ -27,16 +23,18 @@ def main(argv=None) -> int:
     p.add_argument("--shard-size", type=int, default=4096)
     p.add_argument("--vae-id", default=None, help="record which VAE made the release, if known")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+@command
+def main(argv=None) -> int:
+    import datasets
+
+    args = parse(argv)
     datasets.disable_progress_bars()
     ref = args.reference[0] if len(args.reference) == 1 else args.reference
-    try:
-        reader = open_release(ref)
-        result = import_release(reader, args.out, args.resolution, args.num_classes, args.moments_dtype,
-                                  args.shard_size, args.vae_id, progress=not args.no_progress)
-    except (RefusedPickle, ValueError, FileNotFoundError, ImportError, StorageError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)  # one line: a refusal is not a crash
-        return 2
+    result = import_release(open_release(ref), args.out, args.resolution, args.num_classes, args.moments_dtype,
+                            args.shard_size, args.vae_id, progress=not args.no_progress)
     meta = result.pop("meta")
     print(json.dumps(dict(result, count=meta["count"], resolution=meta["resolution"])), flush=True)
     return 0

@@ -8,10 +8,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import command, parser
+
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m maskdit_ds report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("report", __doc__)
     p.add_argument("runs", nargs="+", metavar="[LABEL=]RUN", help="run directories; runs sharing a LABEL are "
                    "averaged (seeds of one configuration)")
     p.add_argument("--metric", default="auto", help="stats key to plot: fid, digits_class_agreement "
@@ -20,15 +21,12 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@command
 def main(argv=None) -> int:
     args = parse(argv)
     from ..evaluation.report import report
 
-    try:
-        png, md, text = report(args.runs, Path(args.out), args.metric)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    png, md, text = report(args.runs, Path(args.out), args.metric)
     print(text)
     print(f"wrote {png} and {md}")
     return 0

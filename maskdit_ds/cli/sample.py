@@ -8,21 +8,17 @@ Writes <out>/samples.npz, samples.json (settings, seeds, class counts, images/s)
 chunks in <out>/chunks are kept. Evaluate with `python -m maskdit_ds eval`.
 """
 
-import argparse
-import sys
 
-from .. import dist
 from ..config import PRECISIONS, SamplerConfig
 from ..diffusion.solvers import SOLVERS
-from ..errors import StorageError
 from ..generation import CLASS_MODES, GenerateConfig, run_generation
+from . import command, parser
 
 SAMPLER, JOB = SamplerConfig(), GenerateConfig()  # the defaults: the sampler's and the job's, nowhere else
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(prog="python -m maskdit_ds sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("sample", __doc__)
     p.add_argument("model", help="export folder (config.json + model.safetensors) or run directory (newest export)")
     p.add_argument("--out", required=True, help="output folder")
     g = p.add_argument_group("what to generate")
@@ -62,6 +58,7 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
+@command
 def main(argv=None) -> int:
     a = parse(argv)
     sampler = SamplerConfig(steps=a.steps, sigma_min=a.sigma_min, sigma_max=a.sigma_max, rho=a.rho,
@@ -72,13 +69,7 @@ def main(argv=None) -> int:
                           batch_size=a.batch_size, chunk_size=a.chunk_size, rounding=a.rounding, vae=a.vae,
                           latent_scale=a.latent_scale, vae_batch=a.vae_batch, grid=a.grid,
                           keep_chunks=a.keep_chunks, sampler=sampler)
-    try:
-        npz = run_generation(a.model, a.out, gcfg, progress=not a.no_progress)
-    except (ValueError, FileNotFoundError, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        dist.destroy_process_group()
+    npz = run_generation(a.model, a.out, gcfg, progress=not a.no_progress)
     if npz is not None:
         print(f"wrote {npz}")
     return 0

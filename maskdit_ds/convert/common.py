@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .. import dist
 from ..config import ModelConfig
-from ..model import MODELS, build_denoiser
-from ..model.export import export_state
+from ..model import MODELS
+from ..model.export import export_state, shape_problems
 from ..model.layers import sincos_2d_table
 
 PREFIX = "model."  # EDMPrecond wraps the trunk as .model
@@ -28,27 +29,9 @@ class ConversionError(ValueError):
     """The input cannot be converted; the message names the file, the key, and expected vs found."""
 
 
-def expected_shapes(model_cfg: ModelConfig) -> dict[str, tuple]:
-    """Our state-dict keys (with the `model.` prefix) and shapes, without allocating weights."""
-    with torch.device("meta"):
-        net = build_denoiser(model_cfg)
-    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
-
-
 def check_state(state: dict, expected: dict[str, tuple], source: str) -> None:
     """Fail before writing anything when keys are missing, unexpected, or shaped differently."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: expected {list(expected[k])}, found {list(state[k].shape)}"
-             for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {', '.join(unexpected[:10])}"
-                        f"{' ...' if len(unexpected) > 10 else ''}")
-    if wrong:
-        problems.append(f"{len(wrong)} shape mismatches: " + "; ".join(wrong[:10]))
+    problems = shape_problems(state, expected)
     if problems:
         raise ConversionError(f"{source}: " + " | ".join(problems))
 
@@ -61,9 +44,7 @@ def write_export(folder: Path, state: dict, model_cfg: ModelConfig, meta: dict) 
 
 
 def report(title: str, lines: list[str]) -> None:
-    print(f"[convert] {title}", flush=True)
-    for line in lines:
-        print(f"  {line}", flush=True)
+    dist.say(f"[convert] {title}" + "".join(f"\n  {line}" for line in lines))
 
 
 def model_config_from(values: dict, source: str) -> ModelConfig:

@@ -8,7 +8,8 @@ import torch
 
 from ..config import ModelConfig
 from ..model import build_denoiser
-from .common import (PREFIX, ConversionError, block_count, check_state, expected_shapes, load_foreign, pick_size,
+from ..model.export import expected_shapes
+from .common import (PREFIX, ConversionError, block_count, check_state, load_foreign, pick_size,
                      report, require, strip_prefixes, verify_fixed_table, write_export)
 
 # DiT parts that MaskDiT does not have or shapes differently: its final layer predicts p*p*2C (learned sigma) from

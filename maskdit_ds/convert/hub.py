@@ -6,11 +6,10 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from safetensors.torch import load_file
-
+from .. import dist
 from ..io import atomic_path
-from ..model.export import EXPORT_CONFIG, EXPORT_WEIGHTS, find_export, read_export_config
-from .common import ConversionError, check_state, expected_shapes, model_config_from, report
+from ..model.export import EXPORT_CONFIG, EXPORT_WEIGHTS, find_export, load_export_state, read_export_config
+from .common import ConversionError, model_config_from, report
 
 
 MODEL_CARD = """---
@@ -55,8 +54,7 @@ def make_hub_folder(source: Path, out: Path, title: str = "") -> Path:
     folder = find_export(Path(source))
     config = read_export_config(folder)
     model_cfg = model_config_from(config["model"], str(folder / EXPORT_CONFIG))
-    state = load_file(str(folder / EXPORT_WEIGHTS))
-    check_state(state, expected_shapes(model_cfg), str(folder / EXPORT_WEIGHTS))
+    state = load_export_state(folder, config)  # checked against config.json before it is copied
     out = Path(out)
     if out.resolve() == folder.resolve():
         raise ConversionError(f"--out {out} is the source folder; choose a new folder")
@@ -84,5 +82,5 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = False, token: str | 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=message)
-    print(f"[convert] pushed {folder} to {repo_id}: {info}", flush=True)
+    dist.say(f"[convert] pushed {folder} to {repo_id}: {info}")
     return str(info)

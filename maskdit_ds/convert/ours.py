@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from ..config import ModelConfig
 from ..model.align import denoiser_state
-from .common import ConversionError, check_state, expected_shapes, model_config_from, report, write_export
+from ..model.export import expected_shapes
+from .common import ConversionError, check_state, model_config_from, report, write_export
 
 
 def run_model_config(tag_dir: Path) -> ModelConfig:

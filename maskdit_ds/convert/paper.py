@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ..config import ModelConfig
 from ..model import MODELS
-from .common import (PREFIX, ConversionError, block_count, check_state, expected_shapes, load_foreign,
+from ..model.export import expected_shapes
+from .common import (PREFIX, ConversionError, block_count, check_state, load_foreign,
                      pick_size, report, require, strip_prefixes, verify_fixed_table, write_export)
 
 PAPER_PREFIXES = ("_orig_mod.model.", "model.")  # torch.compile'd saves add _orig_mod.; longest first

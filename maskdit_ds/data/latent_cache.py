@@ -15,12 +15,13 @@ import os
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import dist
-from ..io import atomic_write_text, storage_guard
+from ..io import atomic_write_json, atomic_write_text, storage_guard
 from .sources import BadImage
 from .transforms import adm_center_crop
 from .vae import encode_moments
@@ -46,12 +47,12 @@ class LatentCache(torch.utils.data.Dataset):
     """Map-style dataset over a finished cache: item i -> {"x": float32 (2C, h, w) moments, "y": int64}.
     The Arrow shards are memory-mapped through `datasets`; .meta holds the cache's meta.json."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str | Path):
         import datasets
 
-        self.path = os.path.abspath(path)
+        self.path = Path(path).absolute()
         self.meta = read_meta(self.path)
-        shards = [datasets.load_from_disk(os.path.join(self.path, SHARDS, shard_name(k)))
+        shards = [datasets.load_from_disk(str(self.path / SHARDS / shard_name(k)))
                   for k in range(self.meta["num_shards"])]
         data = datasets.concatenate_datasets(shards) if len(shards) > 1 else shards[0]
         if len(data) != self.meta["count"]:
@@ -88,17 +89,16 @@ class LatentCache(torch.utils.data.Dataset):
                              f"point data.path at a matching cache or make one with tools/cache_latents.py")
 
 
-def read_meta(path: str) -> dict:
-    meta_file = os.path.join(path, "meta.json")
-    if not os.path.isfile(meta_file):
-        if os.path.isfile(os.path.join(path, "plan.json")):
+def read_meta(path: str | Path) -> dict:
+    meta_file = Path(path) / "meta.json"
+    if not meta_file.is_file():
+        if (Path(path) / "plan.json").is_file():
             done = len(finished_shards(path))
-            total = json.load(open(os.path.join(path, "plan.json")))["num_shards"]
+            total = json.loads((Path(path) / "plan.json").read_text())["num_shards"]
             raise ValueError(f"latent cache {path} is incomplete ({done} of {total} shards, not validated); "
                              f"re-run tools/cache_latents.py with the same arguments to finish it")
         raise FileNotFoundError(f"{path} is not a latent cache (no meta.json)")
-    with open(meta_file) as f:
-        meta = json.load(f)
+    meta = json.loads(meta_file.read_text())
     if meta.get("status") != "complete" or meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"latent cache {path}: status {meta.get('status')!r}, format {meta.get('format_version')} "
                          f"(expected complete, {FORMAT_VERSION})")
@@ -117,11 +117,11 @@ def shard_range(k: int, plan: dict) -> range:
     return range(k * size, min((k + 1) * size, plan["num_images"]))
 
 
-def finished_shards(out: str) -> set:
-    d = os.path.join(out, SHARDS)
-    if not os.path.isdir(d):
+def finished_shards(out: str | Path) -> set:
+    folder = Path(out) / SHARDS
+    if not folder.is_dir():
         return set()
-    return {int(e.name[6:]) for e in os.scandir(d) if e.name.startswith("shard-") and e.name[6:].isdigit()}
+    return {int(e.name[6:]) for e in folder.iterdir() if e.name.startswith("shard-") and e.name[6:].isdigit()}
 
 
 def rank_and_world(rank: int = None, world_size: int = None) -> tuple[int, int]:
@@ -133,18 +133,13 @@ def rank_and_world(rank: int = None, world_size: int = None) -> tuple[int, int]:
     return rank, world_size
 
 
-def write_json_atomic(path: str, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1))
-
-
-def prepare_cache(out: str, plan: dict) -> None:
+def prepare_cache(out: str | Path, plan: dict) -> None:
     """Write plan.json, or check that an existing one (from an earlier or a parallel rank's run) agrees."""
-    os.makedirs(os.path.join(out, SHARDS), exist_ok=True)
-    plan_file = os.path.join(out, "plan.json")
-    if not os.path.exists(plan_file):
-        write_json_atomic(plan_file, plan)  # every rank writes the same content, so the race is harmless
-    with open(plan_file) as f:
-        old = json.load(f)
+    (Path(out) / SHARDS).mkdir(parents=True, exist_ok=True)
+    plan_file = Path(out) / "plan.json"
+    if not plan_file.exists():
+        atomic_write_json(plan_file, plan, indent=1)  # every rank writes the same content: the race is harmless
+    old = json.loads(plan_file.read_text())
     diff = {k: (old.get(k), plan.get(k)) for k in set(old) | set(plan) if old.get(k) != plan.get(k)}
     if diff:
         lines = "; ".join(f"{k}: cache has {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
@@ -161,13 +156,13 @@ def features(plan: dict):
                               "flip": datasets.Value("bool")})
 
 
-def write_shard(out: str, k: int, plan: dict, moments: np.ndarray, labels, indices, flips, skipped: list) -> None:
+def write_shard(out: str | Path, k: int, plan: dict, moments: np.ndarray, labels, indices, flips, skipped: list) -> None:
     """Write shard k atomically: save_to_disk into a temp dir, then rename it into place.
     moments (n, 2C, h, w) already in the plan's dtype; skipped: [{"index", "name", "reason"}]."""
     import datasets
 
-    final = os.path.join(out, SHARDS, shard_name(k))
-    tmp = os.path.join(out, SHARDS, f".tmp-{shard_name(k)}-{os.getpid()}")
+    final = Path(out) / SHARDS / shard_name(k)
+    tmp = Path(out) / SHARDS / f".tmp-{shard_name(k)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     ds = datasets.Dataset.from_dict({"moments": moments, "label": np.asarray(labels, np.int64),
                                      "index": np.asarray(indices, np.int64), "flip": np.asarray(flips, bool)},
@@ -176,26 +171,25 @@ def write_shard(out: str, k: int, plan: dict, moments: np.ndarray, labels, indic
     datasets.disable_progress_bars()  # its per-shard "Saving the dataset" bar would break the encode bar
     try:
         with storage_guard(final, "latent cache shard", cleanup=tmp):
-            ds.save_to_disk(tmp)
-            write_json_atomic(os.path.join(tmp, "shard.json"), {"rows": len(ds), "skipped": skipped})
+            ds.save_to_disk(str(tmp))
+            atomic_write_json(tmp / "shard.json", {"rows": len(ds), "skipped": skipped}, indent=1)
     finally:
         if not quiet:
             datasets.enable_progress_bars()
     try:
-        os.rename(tmp, final)
+        tmp.rename(final)
     except OSError:  # another process finished the same shard first; its copy is as good as ours
         shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.isdir(final):
+        if not final.is_dir():
             raise
 
 
-def remove_stale_tmp(out: str, shards) -> None:
+def remove_stale_tmp(out: str | Path, shards) -> None:
     """Drop half-written temp dirs of the given shards left by a killed run."""
-    d = os.path.join(out, SHARDS)
     mine = {shard_name(k) for k in shards}
-    for e in os.scandir(d):
+    for e in (Path(out) / SHARDS).iterdir():
         if e.name.startswith(".tmp-") and e.name[5:16] in mine:
-            shutil.rmtree(e.path, ignore_errors=True)
+            shutil.rmtree(e, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -213,19 +207,18 @@ def wait_for_shards(out: str, plan: dict, timeout: float = None, poll: float = 2
             raise TimeoutError(f"cache {out}: shards {missing[:10]} (of {len(missing)} missing) did not appear "
                                f"within {timeout} s; re-run with the same arguments to finish them")
         if time.time() - last_note > 60:
-            print(f"[cache] waiting for {len(missing)} shards from other ranks, e.g. {shard_name(missing[0])}", flush=True)
+            dist.say(f"[cache] waiting for {len(missing)} shards from other ranks, e.g. {shard_name(missing[0])}")
             last_note = time.time()
         time.sleep(poll)
 
 
-def _check_shard(out: str, k: int, plan: dict, num_classes: int, chunk: int = 1024) -> list:
+def _check_shard(out: str | Path, k: int, plan: dict, num_classes: int, chunk: int = 1024) -> list:
     """Validate one shard against its index range; return its skipped records."""
     import datasets
 
-    where = os.path.join(out, SHARDS, shard_name(k))
-    with open(os.path.join(where, "shard.json")) as f:
-        record = json.load(f)
-    ds = datasets.load_from_disk(where).with_format("numpy")
+    where = Path(out) / SHARDS / shard_name(k)
+    record = json.loads((where / "shard.json").read_text())
+    ds = datasets.load_from_disk(str(where)).with_format("numpy")
     skipped = record["skipped"]
     want = set(shard_range(k, plan)) - {s["index"] for s in skipped}
     copies = plan["copies"]
@@ -247,17 +240,17 @@ def _check_shard(out: str, k: int, plan: dict, num_classes: int, chunk: int = 10
     return skipped
 
 
-def finalize_cache(out: str, plan: dict) -> dict:
+def finalize_cache(out: str | Path, plan: dict) -> dict:
     """Validate every shard (count = (images - skipped) x copies, labels in range, no NaN/Inf),
     then write skipped.jsonl and meta.json. Idempotent."""
     skipped = []
     for k in range(plan["num_shards"]):
         skipped += _check_shard(out, k, plan, plan["num_classes"])
     count = (plan["num_images"] - len(skipped)) * plan["copies"]
-    atomic_write_text(os.path.join(out, "skipped.jsonl"),
+    atomic_write_text(Path(out) / "skipped.jsonl",
                       "".join(json.dumps(s) + "\n" for s in sorted(skipped, key=lambda s: s["index"])))
     meta = dict(plan, count=count, num_skipped=len(skipped), status="complete")
-    write_json_atomic(os.path.join(out, "meta.json"), meta)
+    atomic_write_json(Path(out) / "meta.json", meta, indent=1)
     return meta
 
 
@@ -321,7 +314,7 @@ def encode_to_cache(source, vae, vae_info: dict, out: str, resolution: int, flip
     rank, world_size = rank_and_world(rank, world_size)
     plan = make_plan(source, vae_info, resolution, flip, moments_dtype, shard_size)
     prepare_cache(out, plan)
-    if os.path.isfile(os.path.join(out, "meta.json")):
+    if (Path(out) / "meta.json").is_file():
         return {"status": "complete", "encoded": 0, "meta": read_meta(out)}
     done = finished_shards(out)
     todo = sorted(k for k in range(rank, plan["num_shards"], world_size) if k not in done)

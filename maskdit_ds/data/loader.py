@@ -55,6 +55,13 @@ class ResumableLoader:
                                  generator=torch.Generator().manual_seed(seed * 1000 + rank))
         self.epoch, self.position = 0, 0  # samples of this epoch already handed to the training loop
 
+    def close(self) -> None:
+        """Stop the persistent worker processes now rather than at interpreter shutdown."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 

@@ -9,14 +9,15 @@ import glob
 import hashlib
 import importlib
 import io
-import os
 import pickle
 import re
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
 from .latent_cache import cache_plan, finalize_cache, finished_shards, prepare_cache, read_meta, shard_range, write_shard
 
 # The globals a pickled numpy array or numpy scalar needs, under numpy 1 and numpy 2 module names.
@@ -30,7 +31,7 @@ _ALLOWED = {
 _NUMPY_CORE = "numpy._core" if int(np.__version__.split(".")[0]) >= 2 else "numpy.core"
 
 
-class RefusedPickle(pickle.UnpicklingError):
+class RefusedPickle(InputError, pickle.UnpicklingError):
     """A pickle asked for something other than a numpy array; it was not loaded."""
 
 
@@ -83,11 +84,11 @@ class LMDBLatents:
         try:
             import lmdb
         except ImportError:
-            raise ImportError("reading the MaskDiT LMDB release needs the `lmdb` package: pip install lmdb") from None
-        if not os.path.exists(path):
+            raise InputError(f"reading the MaskDiT LMDB release {path} needs the `lmdb` package: pip install lmdb") from None
+        if not Path(path).exists():
             raise FileNotFoundError(f"LMDB {path} does not exist")
-        self.path = os.path.abspath(path)
-        self.env = lmdb.open(self.path, readonly=True, lock=False, readahead=False, subdir=os.path.isdir(path))
+        self.path = str(Path(path).absolute())
+        self.env = lmdb.open(self.path, readonly=True, lock=False, readahead=False, subdir=Path(path).is_dir())
         with self.env.begin() as txn:
             length = txn.get(b"length")
             if length is None:
@@ -159,7 +160,7 @@ class WDSLatents:
             for key, parts in groups.items():
                 if "latent" not in parts or "cls" not in parts:
                     raise ValueError(f"{path}: sample {key!r} has members {sorted(parts)}, needs both .latent and .cls")
-                keys.append(f"{os.path.basename(path)}:{key}")
+                keys.append(f"{Path(path).name}:{key}")
                 where.append((t, *parts["latent"], *parts["cls"]))
         if not keys:
             raise ValueError(f"no .latent/.cls samples found in {self.tars}")
@@ -190,9 +191,9 @@ class WDSLatents:
 
     def describe(self) -> dict:
         h = hashlib.sha256()
-        for p, k in zip(self.tars, [os.path.getsize(p) for p in self.tars]):
-            h.update(f"{os.path.basename(p)}:{k}\n".encode())
-        return {"type": "maskdit_wds", "path": [os.path.abspath(p) for p in self.tars], "num_images": len(self),
+        for p, k in zip(self.tars, [Path(p).stat().st_size for p in self.tars]):
+            h.update(f"{Path(p).name}:{k}\n".encode())
+        return {"type": "maskdit_wds", "path": [str(Path(p).absolute()) for p in self.tars], "num_images": len(self),
                 "fingerprint": h.hexdigest()}
 
 
@@ -201,9 +202,9 @@ def _expand_tars(paths) -> list:
     paths = [paths] if isinstance(paths, str) else list(paths)
     tars = []
     for p in paths:
-        if os.path.isdir(p):
-            tars += sorted(glob.glob(os.path.join(p, "*.tar")))
-        elif os.path.isfile(p):
+        if Path(p).is_dir():
+            tars += sorted(str(t) for t in Path(p).glob("*.tar"))
+        elif Path(p).is_file():
             tars.append(p)
         else:
             found = sorted(glob.glob(p))
@@ -217,9 +218,9 @@ def _expand_tars(paths) -> list:
 
 def open_release(path) -> object:
     """An LMDB folder/file -> LMDBLatents; tar files, folders of tars or globs -> WDSLatents."""
-    if isinstance(path, str) and (os.path.isfile(os.path.join(path, "data.mdb")) or path.endswith(".mdb")):
+    if isinstance(path, str) and ((Path(path) / "data.mdb").is_file() or path.endswith(".mdb")):
         return LMDBLatents(path)
-    if isinstance(path, str) and os.path.isdir(path) and not glob.glob(os.path.join(path, "*.tar")):
+    if isinstance(path, str) and Path(path).is_dir() and not any(Path(path).glob("*.tar")):
         raise ValueError(f"{path} is neither an LMDB (has no data.mdb) nor a folder of .tar shards")
     return WDSLatents(path)
 
@@ -239,7 +240,7 @@ def import_release(reader, out: str, resolution: int = None, num_classes: int = 
     plan = cache_plan(resolution, vae_info, moments_dtype, [str(k) for k in range(num_classes)], reader.describe(),
                       len(reader), shard_size)
     prepare_cache(out, plan)
-    if os.path.isfile(os.path.join(out, "meta.json")):
+    if (Path(out) / "meta.json").is_file():
         return {"status": "complete", "imported": 0, "meta": read_meta(out)}
     from tqdm import tqdm
 

@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,11 +41,11 @@ class ImageFolderSource:
     """root/<class>/<...>/<image>; labels are the indices of the sorted class folder names
     (torchvision ImageFolder's rule), images sorted by relative path within a class."""
 
-    def __init__(self, root: str):
-        self.root = os.path.abspath(root)
-        if not os.path.isdir(self.root):
+    def __init__(self, root: str | Path):
+        self.root = Path(root).absolute()
+        if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
-        self.label_names = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+        self.label_names = sorted(e.name for e in self.root.iterdir() if e.is_dir() and not e.name.startswith("."))
         if not self.label_names:
             raise ValueError(f"image folder {self.root} has no class sub-folders (expected root/<class>/<image>)")
         self.files, self.labels = [], []
@@ -57,11 +58,12 @@ class ImageFolderSource:
 
     def _list_images(self, cls: str) -> list:
         found = []
-        for dirpath, dirnames, filenames in os.walk(os.path.join(self.root, cls), followlinks=True):
+        # os.walk, not Path.rglob: class folders may be symlinks (followlinks), which rglob skips before 3.13
+        for dirpath, dirnames, filenames in os.walk(self.root / cls, followlinks=True):
             dirnames.sort()
             for f in filenames:
                 if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
-                    found.append(os.path.relpath(os.path.join(dirpath, f), self.root))
+                    found.append(str((Path(dirpath) / f).relative_to(self.root)))
         return sorted(found)
 
     def __len__(self) -> int:
@@ -74,14 +76,14 @@ class ImageFolderSource:
         return self.labels[i]
 
     def load(self, i: int) -> Image.Image:
-        return decode_image(os.path.join(self.root, self.files[i]), self.files[i])
+        return decode_image(self.root / self.files[i], self.files[i])
 
     def describe(self) -> dict:
         # The fingerprint pins the index -> file mapping, so a resumed cache refers to the same images.
         h = hashlib.sha256()
         for f, y in zip(self.files, self.labels):
             h.update(f"{f}\t{y}\n".encode())
-        return {"type": "image_folder", "path": self.root, "num_images": len(self), "fingerprint": h.hexdigest()}
+        return {"type": "image_folder", "path": str(self.root), "num_images": len(self), "fingerprint": h.hexdigest()}
 
 
 class HFImageSource:
@@ -92,8 +94,8 @@ class HFImageSource:
         import datasets
 
         self.spec = name_or_path
-        if os.path.isdir(name_or_path):
-            self.spec = os.path.abspath(name_or_path)
+        if Path(name_or_path).is_dir():
+            self.spec = str(Path(name_or_path).absolute())
             ds = datasets.load_from_disk(name_or_path)
         else:
             ds = datasets.load_dataset(name_or_path, split=split)
@@ -163,11 +165,11 @@ def open_source(spec: str, split: str = "train", image_column: str = None, label
     a save_to_disk folder -> HFImageSource; "hf:<name>" or a non-path name -> hub dataset."""
     if spec.startswith("hf:"):
         return HFImageSource(spec[3:], split, image_column, label_column)
-    if os.path.isdir(spec):
-        if any(os.path.exists(os.path.join(spec, m)) for m in _HF_DISK_MARKERS):
+    if Path(spec).is_dir():
+        if any((Path(spec) / m).exists() for m in _HF_DISK_MARKERS):
             return HFImageSource(spec, split, image_column, label_column)
-        sub = os.path.join(spec, split) if split else spec
-        return ImageFolderSource(sub if os.path.isdir(sub) else spec)
+        sub = Path(spec) / split if split else Path(spec)
+        return ImageFolderSource(sub if sub.is_dir() else spec)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:  # a hub name is "name" or "org/name"
         raise FileNotFoundError(f"data source {spec} does not exist (expected an image folder, a save_to_disk folder or hf:<name>)")
     return HFImageSource(spec, split, image_column, label_column)

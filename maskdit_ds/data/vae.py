@@ -4,8 +4,8 @@ file; encode images to posterior moments, decode latents to images."""
 import functools
 import hashlib
 import json
-import os
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -35,11 +35,8 @@ def sha256_state_dict(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _folder_weights(folder: str):
-    for name in WEIGHT_FILES:
-        if os.path.isfile(os.path.join(folder, name)):
-            return os.path.join(folder, name)
-    return None
+def _folder_weights(folder: Path) -> Path | None:
+    return next((Path(folder) / name for name in WEIGHT_FILES if (Path(folder) / name).is_file()), None)
 
 
 def _hub_weights(repo_id: str, subfolder: str):
@@ -69,20 +66,20 @@ def load_vae(spec: str, dtype: str = "fp32", device="cpu", subfolder: str = None
         raise ValueError(f"VAE dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
     weights = None
-    if os.path.isfile(spec):
+    if Path(spec).is_file():
         if not spec.endswith(SINGLE_FILE_SUFFIXES):
             raise ValueError(f"VAE file {spec} should end in one of {SINGLE_FILE_SUFFIXES}")
         vae = _from_single_file(AutoencoderKL, spec, config, torch_dtype)
-        weights, vae_id = spec, os.path.abspath(spec)
-    elif os.path.isdir(spec):
-        if subfolder is None and not os.path.isfile(os.path.join(spec, "config.json")) \
-                and os.path.isfile(os.path.join(spec, "vae", "config.json")):
+        weights, vae_id = spec, str(Path(spec).absolute())
+    elif Path(spec).is_dir():
+        if subfolder is None and not (Path(spec) / "config.json").is_file() \
+                and (Path(spec) / "vae" / "config.json").is_file():
             subfolder = "vae"  # a whole SD pipeline folder
-        folder = os.path.join(spec, subfolder) if subfolder else spec
-        if not os.path.isfile(os.path.join(folder, "config.json")):
+        folder = Path(spec) / subfolder if subfolder else Path(spec)
+        if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"VAE folder {folder} has no config.json (expected a diffusers AutoencoderKL folder)")
-        vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch_dtype)
-        weights, vae_id = _folder_weights(folder), os.path.abspath(folder)
+        vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=torch_dtype)
+        weights, vae_id = _folder_weights(folder), str(folder.absolute())
     else:
         vae = AutoencoderKL.from_pretrained(spec, subfolder=subfolder, torch_dtype=torch_dtype)
         weights, vae_id = _hub_weights(spec, subfolder), spec + (f"/{subfolder}" if subfolder else "")
@@ -104,8 +101,7 @@ def _from_single_file(cls, path, config, torch_dtype):
     if config is not None:
         return cls.from_single_file(path, config=config, torch_dtype=torch_dtype, local_files_only=True)
     with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(SD_KL_F8_CONFIG, f)
+        (Path(tmp) / "config.json").write_text(json.dumps(SD_KL_F8_CONFIG))
         return cls.from_single_file(path, config=tmp, torch_dtype=torch_dtype, local_files_only=True)
 
 

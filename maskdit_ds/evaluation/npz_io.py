@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_path
+from ..errors import InputError, one_line
+from ..io import atomic_save_npz
 from .inception import POOL3_DIM, SPATIAL_DIM
 from .metrics import GaussianStats
 
@@ -35,8 +36,8 @@ class NpzImages:
         except zipfile.BadZipFile as e:
             raise ValueError(f"{self.path}: not a valid .npz (zip) file: {e}") from None
         self._array = None
-        if not streamable:  # ADM's fallback: load the whole array
-            self._array = np.load(self.path)[key]
+        if not streamable:  # ADM's fallback: load the whole array (never unpickling: an object array is refused)
+            self._array = load_array(self.path, key)
             self.shape, self.dtype = self._array.shape, self._array.dtype
 
     def __len__(self):
@@ -60,6 +61,16 @@ class NpzImages:
     def read(self, limit: int | None = None) -> np.ndarray:
         n = len(self) if limit is None else min(limit, len(self))
         return np.concatenate(list(self.batches(4096, n))) if n else np.zeros((0, *self.shape[1:]), self.dtype)
+
+
+def load_array(path: Path, key: str) -> np.ndarray:
+    """One array of an .npz, loaded whole without unpickling: an object array (a pickle, which could run code)
+    raises InputError naming the file."""
+    try:
+        with np.load(path) as npz:
+            return npz[key]
+    except ValueError as err:  # numpy: "Object arrays cannot be loaded when allow_pickle=False"
+        raise InputError(f"{path}: array '{key}' is refused ({one_line(err)}); store plain numeric arrays") from None
 
 
 def _read_npy_header(f):
@@ -119,8 +130,8 @@ def read_stats(path, dims=(POOL3_DIM, SPATIAL_DIM)) -> tuple[GaussianStats, Gaus
         if len(present) != len(STAT_KEYS):
             missing = [k for k in STAT_KEYS if k not in npz.files]
             raise ValueError(f"{path} has statistics keys {present} but lacks {missing}; need all of {STAT_KEYS}")
-        pool3 = GaussianStats(npz["mu"], npz["sigma"])
-        spatial = GaussianStats(npz["mu_s"], npz["sigma_s"])
+    pool3 = GaussianStats(load_array(path, "mu"), load_array(path, "sigma"))
+    spatial = GaussianStats(load_array(path, "mu_s"), load_array(path, "sigma_s"))
     for name, stats, dim in (("mu/sigma", pool3, dims[0]), ("mu_s/sigma_s", spatial, dims[1])):
         if stats.mu.shape != (dim,):
             raise ValueError(f"{path}: {name} has dimension {stats.mu.shape[0]}, expected {dim} (the feature "
@@ -132,5 +143,4 @@ def save_reference(path, images: np.ndarray, pool3: GaussianStats, spatial: Gaus
     """Write an ADM-format reference batch: arr_0 (uint8 NHWC, the P/R images) and the FID/sFID statistics."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object keeps numpy from appending ".npz"
-        np.savez(f, arr_0=images, mu=pool3.mu, sigma=pool3.sigma, mu_s=spatial.mu, sigma_s=spatial.sigma)
+    atomic_save_npz(path, arr_0=images, mu=pool3.mu, sigma=pool3.sigma, mu_s=spatial.mu, sigma_s=spatial.sigma)

@@ -11,7 +11,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..data.transforms import adm_center_crop
-from ..io import atomic_path, sha256_file
+from ..errors import StorageError
+from ..io import atomic_save_npz, sha256_file
 from .extractor import InceptionExtractor
 from .metrics import GaussianStats, RunningGaussian, gaussian_stats
 from .npz_io import NpzImages, open_images, read_stats, save_reference
@@ -58,9 +59,8 @@ def _reference_activations(images: NpzImages, ref_sha: str, extractor: Inception
     if use_cache and extractor.weights_sha256:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(cache) as tmp, open(tmp, "wb") as f:
-                np.savez(f, pool3=acts.pool3, spatial=acts.spatial)
-        except OSError as e:
+            atomic_save_npz(cache, pool3=acts.pool3, spatial=acts.spatial)
+        except (OSError, StorageError) as e:  # a cache: the evaluation goes on without it
             warnings.warn(f"could not write the reference activation cache {cache}: {e}")
     return acts.pool3, acts.spatial
 

@@ -140,7 +140,8 @@ def plot(arms: list[Arm], metric: str, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with io.atomic_path(Path(path), "plot") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 import urllib.request
 from pathlib import Path
 
 import torch
 
-from ..io import sha256_file
+from ..errors import InputError, one_line
+from ..io import atomic_torch_save, sha256_file
 from .inception import FIDInceptionV3
 
 # pytorch-fid's conversion of the 2015 TF graph; torch-fidelity's copy has the same bytes.
@@ -68,7 +70,10 @@ def download_weights(dest_dir=None) -> Path:
 def load_inception(path, expected_sha256: str | None = PT_INCEPTION_SHA256) -> tuple[FIDInceptionV3, str]:
     """Verify `path`, build the port and load the state dict. Returns (network in eval mode on CPU, file sha256)."""
     digest = verify_weight_file(path, expected_sha256)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # weights_only: a pickle that needs anything but tensors and containers is refused, never run
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as err:
+        raise InputError(f"Inception weight file {path} is refused by the safe loader ({one_line(err)})") from None
     if not isinstance(state, dict):
         raise ValueError(f"Inception weight file {path} holds a {type(state).__name__}, expected a state dict")
     net = FIDInceptionV3()
@@ -105,5 +110,5 @@ def random_inception_state(seed: int = 0) -> dict:
 
 def write_random_weights(path, seed: int = 0) -> str:
     """Save random_inception_state(seed) to `path`; returns its sha256 (the expected hash to pass with it)."""
-    torch.save(random_inception_state(seed), path)
+    atomic_torch_save(random_inception_state(seed), path)
     return sha256_file(path)

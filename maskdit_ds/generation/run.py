@@ -174,8 +174,7 @@ def chunk_done(out: Path, index: int, expected: int) -> bool:
 
 def write_chunk(out: Path, index: int, images: np.ndarray, labels: np.ndarray, seeds) -> None:
     path = chunk_path(out, index)
-    with io.storage_guard(path, "sample chunk"), io.atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, images=images, labels=labels, seeds=np.asarray(seeds, dtype=np.int64))
+    io.atomic_save_npz(path, images=images, labels=labels, seeds=np.asarray(seeds, dtype=np.int64))
 
 
 def write_adm_npz(path: Path, chunk_files: list[Path], total: int) -> np.ndarray:
@@ -183,7 +182,7 @@ def write_adm_npz(path: Path, chunk_files: list[Path], total: int) -> np.ndarray
     arr_1 int64 (N,), which is returned. np.load and ADM's header-parsing reader both read it."""
     image_shape = NpzImages(chunk_files[0], key="images").shape[1:]  # the .npy header only
     labels = []
-    with io.storage_guard(path, "samples"), io.atomic_path(path) as tmp, \
+    with io.atomic_path(path, "samples") as tmp, \
             zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as member:
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
@@ -235,7 +234,7 @@ def run_generation(model_path, out, gcfg: GenerateConfig, progress: bool = True)
     gcfg.sampler.precision = sampling_precision(gcfg.sampler.precision)  # recorded as what ran (resume must match)
     record = settings_record(gcfg, folder, export_cfg)
     if dist.broadcast_from_main(already_complete(out, record) if dist.is_main() else None):
-        dist.print0(f"[generate] {out / NPZ_FILE} is already complete with these settings")
+        dist.say(f"[generate] {out / NPZ_FILE} is already complete with these settings")
         return out / NPZ_FILE if dist.is_main() else None
     error = None
     if dist.is_main():
@@ -293,7 +292,7 @@ def finish(out: Path, chunks, record: dict, vae_info, gcfg: GenerateConfig, gene
     if gcfg.grid:
         from PIL import Image
 
-        Image.fromarray(image_grid(firsts[:gcfg.grid])).save(out / GRID_FILE)
+        io.atomic_save_image(Image.fromarray(image_grid(firsts[:gcfg.grid])), out / GRID_FILE)
     counts = np.bincount(labels, minlength=record["model_config"]["num_classes"]).tolist()
     report = {**record, "arr_0_shape": [gcfg.num_images, *firsts.shape[1:]], "class_counts": counts, "vae_info": vae_info,
               "this_invocation": {"images": generated, "seconds": round(elapsed, 3), "world_size": dist.world_size(),

@@ -12,10 +12,12 @@ from .masking import STRATEGIES, Masker, MaskRecord, Strategy, kept_tokens, make
 from .precond import EDMPrecond
 from .registry import BACKBONES, MODELS, Backbone, ModelSize, get_size, register_backbone
 from .uvit import UViT
+# What build_denoiser reads from its argument (config.ModelConfig's fields; an export's config.json "model")
+DENOISER_FIELDS = ("name", "input_size", "in_channels", "num_classes", "sigma_data")
 
 
 def build_denoiser(model_cfg) -> EDMPrecond:
-    """model_cfg: a config.ModelConfig (or anything with name, input_size, in_channels, num_classes, sigma_data)."""
+    """model_cfg: a config.ModelConfig, or anything with the DENOISER_FIELDS as attributes."""
     size = get_size(model_cfg.name)
     net = BACKBONES[size.backbone].network(size, model_cfg.input_size, model_cfg.in_channels, model_cfg.num_classes)
     return EDMPrecond(net, sigma_data=model_cfg.sigma_data)
@@ -39,8 +41,8 @@ def token_grid(model_cfg) -> int:
     return model_cfg.input_size // get_size(model_cfg.name).patch_size
 
 
-__all__ = ["BACKBONES", "MODELS", "STRATEGIES", "Backbone", "ModelSize", "MaskDiT", "UViT", "EDMPrecond",
-           "MaskRecord", "Masker", "Strategy", "build_denoiser", "export", "export_state", "find_export",
+__all__ = ["BACKBONES", "DENOISER_FIELDS", "MODELS", "STRATEGIES", "Backbone", "ModelSize", "MaskDiT", "UViT",
+           "EDMPrecond", "MaskRecord", "Masker", "Strategy", "build_denoiser", "export", "export_state", "find_export",
            "forward_flops", "gemm_shapes", "get_size", "kept_tokens", "load_pretrained", "make_mask", "num_kept",
            "position_tables", "read_export_config", "register_backbone", "token_grid", "train_flops",
            "trunk_blocks"]

@@ -11,13 +11,18 @@ import dataclasses
 import json
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import torch
 
-from ..io import atomic_path, atomic_save_safetensors, atomic_write_text, storage_guard
+from ..errors import InputError, one_line
+from ..io import atomic_path, atomic_save_safetensors, atomic_write_text
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
 STEP_PREFIX = "step_"  # checkpoint tags and exports are both named step_XXXXXXX
+MODEL_METADATA = "maskdit_ds.model"  # model.safetensors' metadata key: the model record, as in config.json
+DENOISER_FIELDS_MATCHED = ("name", "input_size", "in_channels", "num_classes")  # what the weights mean
 
 
 def export(folder: Path, net: torch.nn.Module, model_cfg, meta: dict) -> Path:
@@ -27,12 +32,12 @@ def export(folder: Path, net: torch.nn.Module, model_cfg, meta: dict) -> Path:
 
 def export_state(folder: Path, state: dict, model_cfg, meta: dict) -> Path:
     """export() from a state dict (the converters' entry point): fp32 weights + config.json, atomically."""
-    folder = Path(folder)
-    with storage_guard(folder, "export"), atomic_path(folder) as tmp:
+    folder, model = Path(folder), dataclasses.asdict(model_cfg)
+    with atomic_path(folder, "export") as tmp:
         tmp.mkdir(parents=True)
         atomic_save_safetensors({k: v.float() for k, v in state.items()}, tmp / EXPORT_WEIGHTS,
-                                metadata={"format": "pt"})
-        config = {"format": "maskdit_ds", "version": 1, "model": dataclasses.asdict(model_cfg), **meta}
+                                metadata={"format": "pt", MODEL_METADATA: json.dumps(model)})
+        config = {"format": "maskdit_ds", "version": 1, "model": model, **meta}
         atomic_write_text(tmp / EXPORT_CONFIG, json.dumps(config, indent=2))
     return folder
 
@@ -71,26 +76,105 @@ def find_export(path: Path) -> Path:
 
 
 def read_export_config(folder: Path) -> dict:
-    config = json.loads((Path(folder) / EXPORT_CONFIG).read_text())
-    if config.get("format") != "maskdit_ds" or "model" not in config:
-        raise ValueError(f"{folder}/config.json is not a maskdit_ds export (format={config.get('format')!r})")
+    """folder/config.json, checked: a maskdit_ds export whose "model" names a registered size and holds exactly
+    build_denoiser's fields. A problem raises InputError naming the file."""
+    from . import DENOISER_FIELDS
+    from .registry import MODELS
+
+    path = Path(folder) / EXPORT_CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: not a readable JSON file ({one_line(err)})") from None
+    if not isinstance(config, dict) or config.get("format") != "maskdit_ds" or not isinstance(config.get("model"),
+                                                                                                dict):
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise InputError(f"{path} is not a maskdit_ds export config (format={found!r}, a \"model\" record needed)")
+    model = config["model"]
+    missing, unknown = [f for f in DENOISER_FIELDS if f not in model], sorted(set(model) - set(DENOISER_FIELDS))
+    if missing or unknown:
+        raise InputError(f"{path}: model record lacks {missing} / has unknown fields {unknown}; expected "
+                         f"{list(DENOISER_FIELDS)}")
+    if model["name"] not in MODELS:
+        raise InputError(f"{path}: model.name {model['name']!r} is not a registered model; known: "
+                         f"{', '.join(sorted(MODELS))}")
+    patch = MODELS[model["name"]].patch_size
+    for key in ("input_size", "in_channels", "num_classes"):
+        if not isinstance(model[key], int) or isinstance(model[key], bool) or model[key] <= 0:
+            raise InputError(f"{path}: model.{key} is {model[key]!r}, expected a positive integer")
+    if model["input_size"] % patch:
+        raise InputError(f"{path}: model.input_size {model['input_size']} is not a multiple of the patch size "
+                         f"{patch} of {model['name']}")
     return config
 
 
-def load_pretrained(path, device="cpu"):
-    """EDMPrecond in eval mode from an export folder or a run directory; `net(x, sigma, class_labels)` -> D."""
+def expected_shapes(model) -> dict[str, tuple]:
+    """The state-dict keys and shapes of the denoiser `model` describes (build_denoiser's fields), built on the
+    meta device: no memory for weights."""
+    from . import build_denoiser
+
+    with torch.device("meta"):
+        net = build_denoiser(model)
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def shape_problems(state: dict, expected: dict[str, tuple]) -> list[str]:
+    """What keeps `state` from loading into a network with `expected` keys and shapes ([] when it fits)."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [f"{k}: expected {list(expected[k])}, found {list(state[k].shape)}"
+             for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {', '.join(unexpected[:10])}"
+                        f"{' ...' if len(unexpected) > 10 else ''}")
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatches: " + "; ".join(wrong[:10]))
+    return problems
+
+
+def load_export_state(folder: Path, config: dict) -> dict:
+    """folder/model.safetensors, checked before use against the network config.json describes: readable, every
+    key and shape, and (exports written since the weights record it) the same model record, which catches an
+    export of another input size (no weight's shape depends on it). A problem raises InputError naming the file."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from ..config import ModelConfig
+    path = Path(folder) / EXPORT_WEIGHTS
+    try:
+        with safe_open(str(path), "pt") as f:
+            recorded = (f.metadata() or {}).get(MODEL_METADATA)
+        state = load_file(str(path))
+    except Exception as err:  # SafetensorError (truncated, garbage), OSError: the file is not usable
+        raise InputError(f"{path}: not a readable safetensors file ({one_line(err)})") from None
+    model = config["model"]
+    if recorded is not None and json.loads(recorded) != model:
+        raise InputError(f"{path} holds weights of {json.loads(recorded)}, but {EXPORT_CONFIG} describes {model}")
+    problems = shape_problems(state, expected_shapes(SimpleNamespace(**model)))
+    if problems:
+        raise InputError(f"{path} does not hold the {model['name']} weights {EXPORT_CONFIG} describes: "
+                         + " | ".join(problems))
+    return state
+
+
+def check_export_matches(folder: Path, config: dict, wanted: dict) -> None:
+    """Refuse an export whose model differs from `wanted` (build_denoiser's fields, e.g. the run's model config for
+    train.init_from) on what its weights' meaning depends on; sigma_data may differ."""
+    model = config["model"]
+    differ = [f"{k} {model[k]!r} (wanted {wanted[k]!r})" for k in DENOISER_FIELDS_MATCHED if model[k] != wanted[k]]
+    if differ:
+        raise InputError(f"{Path(folder) / EXPORT_CONFIG} is an export of another model: {', '.join(differ)}")
+
+
+def load_pretrained(path, device="cpu"):
+    """EDMPrecond in eval mode from an export folder or a run directory; `net(x, sigma, class_labels)` -> D.
+    The export is checked (config.json, every weight's key and shape) before it is used."""
     from . import build_denoiser
 
     folder = find_export(Path(path))
     config = read_export_config(folder)
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    net = build_denoiser(ModelConfig(**{k: v for k, v in config["model"].items() if k in fields}))
-    state = load_file(str(folder / EXPORT_WEIGHTS))
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{folder}/{EXPORT_WEIGHTS} does not match {config['model']['name']}: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    state = load_export_state(folder, config)
+    net = build_denoiser(SimpleNamespace(**config["model"]))
+    net.load_state_dict(state)
     return net.to(device).eval().requires_grad_(False)

@@ -26,6 +26,9 @@ warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is depreca
 RUN_CONFIG_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                    "optimizer", "scheduler", "gradient_clipping")
 
+# torch reads it at each torch.load: set, every load is weights_only (safe_loads)
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
 
 def init_distributed() -> None:
     """gloo on CPU, nccl on GPU; srun tasks get RANK etc. from SLURM's variables."""
@@ -34,6 +37,16 @@ def init_distributed() -> None:
     if dist.set_device().type == "cpu":
         skip_cpu_shm_op()
     deepspeed.init_distributed(verbose=False)
+    dist.on_close(release_deepspeed_groups)
+
+
+def release_deepspeed_groups() -> None:
+    """DeepSpeed keeps a clone of the world group (deepspeed.utils.groups); destroying torch's groups leaves that
+    clone, and its gloo threads, alive until the interpreter's teardown. Its own teardown routine lets go of it
+    (what deepspeed.comm.destroy_process_group does after destroying the groups; no collective)."""
+    from deepspeed.utils import groups
+
+    groups._release_process_group_references()
 
 
 def skip_cpu_shm_op() -> None:
@@ -261,9 +274,12 @@ class Engine:
         return out
 
     def release(self) -> None:
-        """Free the engine's buffers before the next stage builds a new one."""
-        self.ds.destroy() if hasattr(self.ds, "destroy") else None
-        del self.ds
+        """Free the engine's buffers (before the next stage builds a new one) and its hold on the process group;
+        once is enough, a second call does nothing."""
+        if getattr(self, "ds", None) is None:
+            return
+        self.ds.destroy()
+        self.ds = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -290,8 +306,8 @@ def avoid_inductor_avx2_vectorization() -> None:
 
     if str(pick_vec_isa()) == "avx2" and inductor_config.cpp.simdlen is None:
         inductor_config.cpp.simdlen = 1
-        dist.print0("[engine] torch.compile on an AVX2 CPU: inductor's AVX2 vector code gives NaNs for these "
-                    "blocks in torch 2.13, so the compiled kernels are scalar")
+        dist.say("[engine] torch.compile on an AVX2 CPU: inductor's AVX2 vector code gives NaNs for these "
+                 "blocks in torch 2.13, so the compiled kernels are scalar")
 
 
 def consolidated_fp32_state(tag_dir: Path) -> dict:
@@ -332,9 +348,6 @@ def safe_loads():
             os.environ.pop(FORCE_WEIGHTS_ONLY, None)
         else:
             os.environ[FORCE_WEIGHTS_ONLY] = saved
-
-
-FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 def unsafe_file(tag_dir: Path) -> str | None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 
+from .. import dist
 from ..errors import EXIT_PREEMPTED, RunDirBusy
 from ..io import atomic_write_text
 LAUNCHERS = ("deepspeed.launcher.launch", "deepspeed.launcher.runner", "bin/deepspeed", "torch.distributed.run",
@@ -65,19 +66,20 @@ class StopRequest:
     launcher vanished (a rank stuck in a collective whose peer died), the process exits with code 1.
     """
 
-    def __init__(self, say=print, watch_launcher: bool = True, poll_s: float = 1.0):
-        self.requested, self.reason, self.say = False, "", say
+    def __init__(self, watch_launcher: bool = True, poll_s: float = 1.0):
+        self.requested, self.reason = False, ""
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         self._stop = threading.Event()
         self.watched = launcher_processes() if watch_launcher else []
+        self._watcher = threading.Thread(target=self._watch, args=(poll_s,), name="launcher-watch", daemon=True)
         if self.watched:
-            threading.Thread(target=self._watch, args=(poll_s,), name="launcher-watch", daemon=True).start()
+            self._watcher.start()
 
     def request(self, reason: str) -> None:
         if not self.requested:
             self.requested, self.reason = True, reason
-            self.say(f"[stop] {reason}: saving at the next step boundary, then exiting {EXIT_PREEMPTED}")
+            dist.say(f"[stop] {reason}: saving at the next step boundary, then exiting {EXIT_PREEMPTED}")
 
     def _on_signal(self, signum, frame):
         if signum == signal.SIGINT and self.requested:
@@ -91,16 +93,19 @@ class StopRequest:
             if gone:
                 self.request(f"the launcher (pid {gone[0][0]}: {gone[0][1][:80]}) exited")
                 if not self._stop.wait(ORPHAN_GRACE_S):
-                    self.say(f"[stop] no step boundary within {ORPHAN_GRACE_S:.0f} s of the launcher's exit: "
+                    dist.say(f"[stop] no step boundary within {ORPHAN_GRACE_S:.0f} s of the launcher's exit: "
                              "exiting without a final save")
                     os._exit(1)
                 return
 
-    def exiting(self) -> None:
-        """Saved (or finished); only the exit is left. `srun --kill-on-bad-exit` SIGTERMs the other ranks as soon
-        as the first one exits 75, and Python's shutdown restores the default (fatal) handlers, so a rank still
-        shutting down would end 143; ignoring the signals from here keeps every rank's code."""
+    def close(self) -> None:
+        """Saved (or finished, or failed); only the exit is left. The launcher watch ends (joined, so that no thread
+        of ours outlives the run), and the stop signals are ignored from here: `srun --kill-on-bad-exit` and
+        DeepSpeed's launcher SIGTERM the other ranks as soon as the first one exits 75, and Python's shutdown
+        restores the default (fatal) handlers, so a rank still shutting down would end 143."""
         self._stop.set()
+        if self._watcher.is_alive():
+            self._watcher.join()
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
 
@@ -129,8 +134,8 @@ def stale_reason(lock: dict, now: float | None = None) -> str | None:
 class RunLock:
     """<run_dir>/run.lock, created exclusively; a stale lock (dead holder) is taken over with a message."""
 
-    def __init__(self, run_dir: Path, say=print):
-        self.path, self.say, self.held = Path(run_dir) / LOCK_FILE, say, False
+    def __init__(self, run_dir: Path):
+        self.path, self.held = Path(run_dir) / LOCK_FILE, False
         self._stop = threading.Event()
 
     def acquire(self) -> None:
@@ -144,7 +149,8 @@ class RunLock:
             with os.fdopen(fd, "w") as f:
                 json.dump(_holder(), f)
             self.held = True
-            threading.Thread(target=self._heartbeat, name="run-lock", daemon=True).start()
+            self._beat = threading.Thread(target=self._heartbeat, name="run-lock", daemon=True)
+            self._beat.start()
             return
         raise RunDirBusy(f"could not create {self.path}: another launch is taking it at the same moment")
 
@@ -163,7 +169,7 @@ class RunLock:
                 + (f" (SLURM job {lock['slurm_job']})" if lock.get("slurm_job") else "")
                 + f", alive {age:.0f} s ago; stop that run first or choose another run.name "
                 f"(if that process is really gone, delete {self.path})")
-        self.say(f"[lock] taking over {self.path}: {reason}")
+        dist.say(f"[lock] taking over {self.path}: {reason}")
         self.path.unlink(missing_ok=True)
 
     def _heartbeat(self) -> None:
@@ -172,6 +178,9 @@ class RunLock:
 
     def release(self) -> None:
         self._stop.set()
+        if getattr(self, "_beat", None) is not None:
+            self._beat.join()
+            self._beat = None
         if self.held:
             try:
                 if json.loads(self.path.read_text()).get("pid") == os.getpid():

@@ -63,18 +63,18 @@ def train_locked(cfg: Config, stages: tuple[Stage, ...]) -> int:
     net = build_module(cfg, teacher)
     ema = copy.deepcopy(denoiser_of(net)).to(dist.device()).eval().requires_grad_(False)
     ckpt.restore(start, net, ema)
-    dist.print0(start.describe())
+    dist.say(start.describe())
 
     # 5. Stages.
     state, data_state = start.state, start.data_state
     total = state.step - state.stage_step + sum(s.steps for s in stages[state.stage:])
     logger = RunLogger(cfg.run_dir, dist.is_main(), total_steps=total, start_step=state.step)
-    try:  # the progress bar closes (ends its line) however the run ends
+    stop, active = StopRequest(), None
+    try:  # however the run ends, what it opened is closed here (see the finally)
         # the FID monitor fails on every rank, before training, if its weights or reference are wrong
-        run = Run(ema, state, logger, StopRequest(say=dist.print0), build_monitors(cfg), teacher,
-                  DeviceClock(dist.world_size()))
+        run = Run(ema, state, logger, stop, build_monitors(cfg), teacher, DeviceClock(dist.world_size()))
         for stage in stages[state.stage:]:
-            active = build_stage(stage, dataset, net, data_state, start, logger.message)
+            active = build_stage(stage, dataset, net, data_state, start)
             code = run_stage(active, run)
             if code is not None:
                 return code
@@ -86,9 +86,15 @@ def train_locked(cfg: Config, stages: tuple[Stage, ...]) -> int:
 
         # 6. Samples from the EMA.
         final_samples(cfg, ema, logger, state)
-        run.stop.exiting()  # the run is complete: a late SLURM signal must not turn exit 0 into 143
         return 0
     finally:
+        # Everything that holds the process group or a thread goes before the command leaves the group: an engine
+        # left to the interpreter's shutdown kept DeepSpeed's group (and its gloo threads) alive into
+        # finalization, where a rank could abort after saving ('terminate called without an active exception').
+        if active is not None:
+            active.engine.release()
+            active.loader.close()
+        stop.close()  # the run is over: a late SLURM signal must not turn its exit code into 143
         logger.close()
 
 
@@ -98,9 +104,9 @@ def build_teacher(cfg: Config) -> Teacher:
     dtype = DTYPES[sampling_precision("auto")]  # inference precision: bf16 (fp16) on GPUs, fp32 on CPUs
     teacher = load_teacher(cfg.loss.align_teacher, cfg.loss.align_teacher_resolution, token_grid(cfg.model),
                            dist.device(), dtype)
-    dist.print0(f"[align] teacher {cfg.loss.align_teacher}: {teacher.dim}-d patch features at "
-                f"{teacher.resolution} px ({teacher.patch_grid}x{teacher.patch_grid} patches -> the "
-                f"{teacher.grid}x{teacher.grid} token grid), {next(teacher.parameters()).dtype}, frozen")
+    dist.say(f"[align] teacher {cfg.loss.align_teacher}: {teacher.dim}-d patch features at "
+             f"{teacher.resolution} px ({teacher.patch_grid}x{teacher.patch_grid} patches -> the "
+             f"{teacher.grid}x{teacher.grid} token grid), {next(teacher.parameters()).dtype}, frozen")
     return teacher
 
 
@@ -148,8 +154,8 @@ class Run:
     clock: DeviceClock
 
 
-def build_stage(stage: Stage, dataset, net: torch.nn.Module, data_state: dict | None, start: ckpt.Start,
-                say) -> StageRun:
+def build_stage(stage: Stage, dataset, net: torch.nn.Module, data_state: dict | None, start: ckpt.Start
+                ) -> StageRun:
     """The stage's loader (at the carried data position) and engine (with a resumed tag's DeepSpeed state)."""
     cfg = stage.cfg
     loader = ResumableLoader(dataset, cfg.train.micro_batch, dist.rank(), dist.world_size(), cfg.run.seed,
@@ -158,8 +164,8 @@ def build_stage(stage: Stage, dataset, net: torch.nn.Module, data_state: dict | 
         loader.load_state_dict(data_state)
     engine = Engine(net.to(dist.device()), cfg, dist.world_size(), load_universal=start.loads_universal)
     ckpt.load_engine_state(start, engine)  # only the stage we resumed in loads DeepSpeed state
-    say(f"[stage {stage.index}] {stage.name}: {stage.steps} steps, {cfg.engine.precision}, mask ratio "
-        f"{cfg.mask.ratio}, lr {cfg.optim.lr}")
+    dist.say(f"[stage {stage.index}] {stage.name}: {stage.steps} steps, {cfg.engine.precision}, mask ratio "
+             f"{cfg.mask.ratio}, lr {cfg.optim.lr}")
     return StageRun(stage.index, stage.name, stage.steps, cfg, engine, loader)
 
 
@@ -221,13 +227,12 @@ def run_stage(stage: StageRun, run: Run) -> int | None:
             health.flush()  # never save after a non-finite step; and every rank agrees on stopping here
             health.check_weights(state.step, engine, ema)  # nor non-finite weights or EMA
             run.clock.charge(state, agree=True)
-            ckpt.save_checkpoint(cfg, engine, ema.gather(), state, stage.loader, run.logger.message)
+            ckpt.save_checkpoint(cfg, engine, ema.gather(), state, stage.loader, dist.say)
         run.logger.advance()
         if health.stop:
             reasons = [r for r in dist.all_gather_objects(run.stop.reason) if r]
-            run.logger.message(f"[stop] {reasons[0] if reasons else 'stop requested'}: saved step {state.step}, "
-                               f"exiting {EXIT_PREEMPTED}")
-            run.stop.exiting()
+            dist.say(f"[stop] {reasons[0] if reasons else 'stop requested'}: saved step {state.step}, "
+                     f"exiting {EXIT_PREEMPTED}")
             return EXIT_PREEMPTED
     health.flush()
     ema.gather()  # the full EMA network for the next stage and the final samples

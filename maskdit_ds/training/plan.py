@@ -57,25 +57,28 @@ def dry_run(cfg: Config, world: int) -> int:
 
 
 def prepare(cfg: Config, world: int) -> tuple[Config, tuple[Stage, ...]]:
-    """Resolve `auto`, validate, say what will run; the run config as it will train, and its stages."""
+    """Resolve `auto`, validate (every stage's ds_config included), and say what will run; the run config as it
+    will train, and its stages. Nothing is written before this has passed."""
     cfg, notes = resolve_auto(cfg)
     for note in notes:
-        dist.print0(f"[precision] {note}")
+        dist.say(f"[precision] {note}")
     warnings = validate(cfg, world)
     stages = expand_stages(cfg)
     if dist.is_main():
         for precision in sorted({stage.cfg.engine.precision for stage in stages}):
             warning = half_precision_warning(precision)
             if warning:
-                dist.print0(f"warning: {warning}")
+                dist.say(f"warning: {warning}")
     for warning in warnings:
-        dist.print0(f"warning: {warning}")
+        dist.say(f"warning: {warning}")
+    for stage in stages:
+        build_ds_config(stage.cfg, world)  # refuses a ds_config JSON that sets run-config keys
     return cfg, stages
 
 
 def lock_run_dir(cfg: Config) -> RunLock:
     """Collective: rank 0 takes <run_dir>/run.lock; every rank raises RunDirBusy if another run holds it."""
-    lock, error = RunLock(cfg.run_dir, say=dist.print0), None
+    lock, error = RunLock(cfg.run_dir), None
     if dist.is_main():
         try:
             lock.acquire()

@@ -177,10 +177,10 @@ def final_samples(cfg: Config, ema, logger: RunLogger, state=None) -> None:
     order = np.argsort(np.concatenate([p[0] for p in parts]))
     pixels = np.concatenate([p[1] for p in parts])[order]
     classes = np.concatenate([p[2] for p in parts])[order]
-    np.savez(cfg.run_dir / "samples.npz", arr_0=pixels, arr_1=classes)
+    io.atomic_save_npz(cfg.run_dir / "samples.npz", arr_0=pixels, arr_1=classes)
     from PIL import Image
 
-    Image.fromarray(class_grid(pixels, classes)).save(cfg.run_dir / "samples.png")
+    io.atomic_save_image(Image.fromarray(class_grid(pixels, classes)), cfg.run_dir / "samples.png")
     report = {"num_samples": int(n), "guidance": cfg.sample.guidance, "steps": cfg.sample.steps}
     if state is not None:  # what the model cost to train
         report["training"] = {"run": cfg.run.name, "step": state.step, "images_seen": state.images_seen,
@@ -188,4 +188,4 @@ def final_samples(cfg: Config, ema, logger: RunLogger, state=None) -> None:
     if cfg.data.source == "digits":  # the built-in example: a classifier trained on the real digits judges
         report["digits_class_agreement"] = judge_digits(DigitsJudge(), pixels, classes)
     io.atomic_write_text(cfg.run_dir / "samples.json", json.dumps(report, indent=2))
-    logger.message(f"[samples] wrote {cfg.run_dir / 'samples.npz'}: {json.dumps(report)}")
+    dist.say(f"[samples] wrote {cfg.run_dir / 'samples.npz'}: {json.dumps(report)}")

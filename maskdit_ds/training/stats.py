@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import dist
-from ..io import atomic_write_text
+from ..io import atomic_write_text, storage_guard
 
 
 def peak_memory_gb() -> float:
@@ -117,8 +117,9 @@ class RunLogger:
     def scalars(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        self.stats.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
-        self.stats.flush()
+        with storage_guard(Path(self.stats.name), "stats"):
+            self.stats.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+            self.stats.flush()
         for key, value in values.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.tb.add_scalar(key, value, step)
@@ -134,12 +135,12 @@ class RunLogger:
         if self.enabled:
             self.bar.update(steps)
 
-    def message(self, text: str) -> None:
-        if self.enabled:
-            self.bar.write(text)
-
     def close(self) -> None:
+        """Flush and close the files, and end the writers' threads (TensorBoard's, tqdm's monitor)."""
         if self.enabled:
             self.bar.close()
             self.stats.close()
             self.tb.close()
+            monitor = getattr(type(self.bar), "monitor", None)
+            if monitor is not None:
+                monitor.exit()  # tqdm makes a new one for the next bar

@@ -96,4 +96,4 @@ def test_source_errors(tmp_path):
     with pytest.raises(ValueError, match="no class sub-folders"):
         open_source(str(tmp_path / "flat"))
     make_clean_folder(tmp_path / "root" / "train", per_class=1)
-    assert open_source(str(tmp_path / "root")).root.endswith("train")  # root/<split>/ is picked up
+    assert open_source(str(tmp_path / "root")).root.name == "train"  # root/<split>/ is picked up

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 
 import numpy as np
@@ -197,14 +198,16 @@ def test_cli_identical_sets(tmp_path, inception_weights):
     assert len(list(tmp_path.glob("ref.acts-*.npz"))) == 1  # reference activations cached next to the ref
 
 
-def test_cli_rejects_weights_that_are_not_the_official_file(tmp_path, inception_weights):
+def test_cli_rejects_weights_that_are_not_the_official_file(tmp_path, inception_weights, capsys):
     eval_fid = tool("eval_fid")
     path, _ = inception_weights  # random weights, checked against the official size/hash unless told otherwise
     np.savez(tmp_path / "s.npz", random_images(4, size=8))
-    with pytest.raises(ValueError, match="random_inception.pth has [0-9,]+ bytes, expected 95,628,359"):
-        eval_fid.main(_strs(tmp_path / "s.npz", tmp_path / "s.npz", "--weights", path, "--no-progress"))
-    with pytest.raises(ValueError, match="has sha256 .*, expected 1{64}: wrong file"):
-        eval_fid.main(_strs(tmp_path / "s.npz", tmp_path / "s.npz", "--weights", path, "--weights-sha256", "1" * 64))
+    assert eval_fid.main(_strs(tmp_path / "s.npz", tmp_path / "s.npz", "--weights", path, "--no-progress")) == 2
+    assert re.fullmatch(r"error: Inception weight file .*random_inception.pth has [0-9,]+ bytes, expected "
+                        r"95,628,359: .*\n", capsys.readouterr().err)
+    assert eval_fid.main(_strs(tmp_path / "s.npz", tmp_path / "s.npz", "--weights", path,
+                               "--weights-sha256", "1" * 64)) == 2
+    assert re.fullmatch(r"error: .* has sha256 .*, expected 1{64}: wrong file .*\n", capsys.readouterr().err)
 
 
 def test_cli_ref_subcommand_builds_a_reference_that_evaluates(tmp_path, inception_weights, monkeypatch):

@@ -24,7 +24,7 @@ def write_lock(run_dir, **fields):
 def test_live_lock_is_refused_with_its_holder(tmp_path):
     write_lock(tmp_path, host="node17", pid=4242, slurm_job="991")
     with pytest.raises(RunDirBusy, match=r"in use by pid 4242 on host node17 \(SLURM job 991\)"):
-        RunLock(tmp_path, say=lambda m: None).acquire()
+        RunLock(tmp_path).acquire()
 
 
 @pytest.mark.parametrize("fields, reason", [
@@ -33,13 +33,13 @@ def test_live_lock_is_refused_with_its_holder(tmp_path):
     ({"host": "node17", "heartbeat": time.time() - LOCK_STALE_S - 5}, "heartbeat is"),
     ({"host": "node17", "slurm_job": "555"}, "earlier attempt of this SLURM job 555"),
 ])
-def test_stale_lock_is_taken_over(tmp_path, monkeypatch, fields, reason):
+def test_stale_lock_is_taken_over(tmp_path, monkeypatch, capsys, fields, reason):
     monkeypatch.setenv("SLURM_JOB_ID", "555")
     write_lock(tmp_path, **fields)
-    said = []
-    lock = RunLock(tmp_path, say=said.append)
+    lock = RunLock(tmp_path)
     lock.acquire()
-    assert reason in said[0]
+    said = capsys.readouterr().out
+    assert said.startswith(f"[lock] taking over {tmp_path / LOCK_FILE}: ") and reason in said
     assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
     lock.release()
     assert not (tmp_path / LOCK_FILE).exists()
@@ -48,7 +48,7 @@ def test_stale_lock_is_taken_over(tmp_path, monkeypatch, fields, reason):
 def test_torn_lock_counts_as_stale_once_old(tmp_path):
     (tmp_path / LOCK_FILE).write_text("{\"host\": \"no")  # a crash mid-write
     with pytest.raises(RunDirBusy, match=r"in use by pid \? on host \?"):  # a fresh torn file names no holder
-        RunLock(tmp_path, say=print).acquire()
+        RunLock(tmp_path).acquire()
     old = time.time() - LOCK_STALE_S - 5
     os.utime(tmp_path / LOCK_FILE, (old, old))
-    RunLock(tmp_path, say=print).acquire()
+    RunLock(tmp_path).acquire()

@@ -95,9 +95,9 @@ def reshard(tag_dir: Path, world_size: int, workers: int = 1) -> Path:
     tags.write_manifest(out, {"step": new[0]["train"]["step"], "world_size": world_size,
                               "source_world_size": old_world}, hashes=False)
     info = new[0]["reshard"]
-    dist.print0(f"[reshard] {tag_dir} ({old_world} ranks) -> {out} for {world_size} ranks: step "
-          f"{new[0]['train']['step']}, {info['samples_consumed']} samples consumed this epoch, new per-rank "
-          f"position {new[0]['data']['position']} ({info['samples_repeated']} samples will be seen again)")
+    dist.say(f"[reshard] {tag_dir} ({old_world} ranks) -> {out} for {world_size} ranks: step "
+             f"{new[0]['train']['step']}, {info['samples_consumed']} samples consumed this epoch, new per-rank "
+             f"position {new[0]['data']['position']} ({info['samples_repeated']} samples will be seen again)")
     return out
 
 

@@ -12,7 +12,7 @@ from ..state import TrainState, rng_state
 from . import tags
 
 
-def save_checkpoint(cfg: Config, engine, ema, state: TrainState, loader, say=dist.print0) -> None:
+def save_checkpoint(cfg: Config, engine, ema, state: TrainState, loader, say=dist.say) -> None:
     """Collective. DeepSpeed partitions + per-rank state on every rank; EMA, config, export and manifest on rank 0.
     A failed write (disk full, quota) removes the partial tag on the rank that saw it and raises StorageError;
     earlier tags are untouched, and pruning only runs after a complete save."""

@@ -11,6 +11,7 @@ the starting weights into the built modules; load_engine_state() gives the first
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -20,13 +21,12 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from ... import dist, io
 from ...config import Config, Stage, resume_changes, save_config
-from ...errors import ConfigError
+from ...errors import ConfigError, InputError
 from ...model.align import denoiser_of, denoiser_state
-from ...model.export import EXPORT_WEIGHTS, find_export, read_export_config
+from ...model.export import check_export_matches, find_export, load_export_state, read_export_config
 from ..engine import build_ds_config, consolidated_fp32_state, unsafe_file
 from ..state import TrainState, set_rng_state
 from .reshard import resume_source
@@ -125,16 +125,16 @@ def choose_tag(cfg: Config) -> str | None:
     config must agree with this one on the keys that a resume must not change (config.FROZEN_ON_RESUME)."""
     ckpt_dir = cfg.run_dir / "checkpoints"
     for path in clean_stale_temporaries(cfg.run_dir):
-        dist.print0(f"[checkpoint] removed {path}, left by a killed write")
+        dist.say(f"[checkpoint] removed {path}, left by a killed write")
     if cfg.train.resume == "never":
         archived = archive_previous(cfg.run_dir)
         if archived:
-            dist.print0(f"[resume] train.resume=never: the previous attempt moved to {archived}")
+            dist.say(f"[resume] train.resume=never: the previous attempt moved to {archived}")
         return None
     scanned = scan_tags(ckpt_dir, verify_loads=unsafe_file)
     for tag, problem in scanned:
         if problem:
-            dist.print0(f"[checkpoint] skipping {ckpt_dir / tag}: {problem}")
+            dist.say(f"[checkpoint] skipping {ckpt_dir / tag}: {problem}")
     good = next((tag for tag, problem in scanned if problem is None), None)
     if scanned and good is None:
         listing = "; ".join(f"{tag}: {problem}" for tag, problem in scanned)
@@ -158,7 +158,7 @@ def check_resume_config(cfg: Config, tag_dir: Path) -> None:
                           f"train.allow_config_change=[...] if you mean it")
     for line in allowed:
         overridden = any(line.startswith(k) for k in cfg.train.allow_config_change)
-        dist.print0(f"[resume] {'warning: train.allow_config_change lets ' if overridden else 'config changed: '}"
+        dist.say(f"[resume] {'warning: train.allow_config_change lets ' if overridden else 'config changed: '}"
                     f"{line}")
 
 
@@ -179,11 +179,11 @@ def archive_previous(run_dir: Path) -> Path | None:
 def write_run_config(cfg: Config, stages: typing.Sequence[Stage], world: int) -> None:
     """Rank 0, after the resume check: config.yaml (the previous one kept as config.prev.yaml when it differs)
     and the final DeepSpeed configs."""
+    ds_configs = [build_ds_config(stage.cfg, world) for stage in stages]  # may refuse: before any write
     path = cfg.run_dir / "config.yaml"
     if path.is_file() and (yaml.safe_load(path.read_text()) or {}) != cfg.to_dict():
         os.replace(path, cfg.run_dir / "config.prev.yaml")
     save_config(cfg, path)
-    ds_configs = [build_ds_config(stage.cfg, world) for stage in stages]
     io.atomic_write_text(cfg.run_dir / "ds_config.json", json.dumps(ds_configs[0] if len(ds_configs) == 1
                                                                     else ds_configs, indent=2))
 
@@ -211,8 +211,7 @@ def init_point(cfg: Config) -> Start:
     the weights come from; the lineage's counters continue (quality against device-hours counts the run it
     started from). Rank 0 records it in lineage.json."""
     source = init_source(Path(cfg.train.init_from))
-    prior = load_rank_state(source, 0)["train"] if (source / MANIFEST).is_file() \
-        else read_export_config(find_export(source))
+    prior = load_rank_state(source, 0)["train"] if (source / MANIFEST).is_file() else export_record(source, cfg)
     state = TrainState(step=int(prior.get("step", 0)), images_seen=int(prior.get("images_seen", 0)),
                        device_hours=float(prior.get("device_hours", 0.0)))
     record = {"checkpoint": str(source), "step": state.step, "ema": "reset" if cfg.train.reset_ema else "continued"}
@@ -225,7 +224,7 @@ def init_source(path: Path) -> Path:
     """A run directory -> its newest usable tag; a tag -> itself once it passes every check; otherwise the path
     as given (an export folder, or a run directory with exports only)."""
     if (path / "checkpoints").is_dir():
-        tag = latest_good_tag(path / "checkpoints", warn=dist.print0, verify_loads=unsafe_file)
+        tag = latest_good_tag(path / "checkpoints", warn=dist.say, verify_loads=unsafe_file)
         if tag is None:
             raise ConfigError(f"train.init_from: {path}/checkpoints has no usable checkpoint")
         return path / "checkpoints" / tag  # latest_good_tag has verified it
@@ -234,6 +233,17 @@ def init_source(path: Path) -> Path:
         if problem:
             raise ConfigError(f"train.init_from: {path} is not a usable checkpoint: {problem}")
     return path
+
+
+def export_record(source: Path, cfg: Config) -> dict:
+    """An export folder's config.json (or a run directory's newest), checked, and checked to hold the run's model."""
+    try:
+        folder = find_export(source)
+        record = read_export_config(folder)
+        check_export_matches(folder, record, dataclasses.asdict(cfg.model))
+    except (InputError, FileNotFoundError) as err:
+        raise ConfigError(f"train.init_from: {err}") from None
+    return record
 
 
 def load_init_weights(source: Path, denoiser: torch.nn.Module, ema: torch.nn.Module, reset_ema: bool) -> None:
@@ -247,6 +257,10 @@ def load_init_weights(source: Path, denoiser: torch.nn.Module, ema: torch.nn.Mod
         else:
             load_ema(ema, source)
         return
-    weights = load_file(str(find_export(source) / EXPORT_WEIGHTS))
+    folder = find_export(source)
+    try:
+        weights = load_export_state(folder, read_export_config(folder))  # every key and shape checked
+    except InputError as err:
+        raise ConfigError(f"train.init_from: {err}") from None
     denoiser.load_state_dict(weights)
     ema.load_state_dict(weights)

@@ -79,7 +79,7 @@ def unreadable_safetensors(path: Path) -> str | None:
     return None
 
 
-def latest_good_tag(ckpt_dir: Path, warn=dist.print0, verify_loads=None) -> str | None:
+def latest_good_tag(ckpt_dir: Path, warn=dist.say, verify_loads=None) -> str | None:
     """Newest tag that passes the size, hash (and `verify_loads`) checks; each skipped tag goes to `warn`."""
     for tag, problem in scan_tags(ckpt_dir, verify_loads):
         if problem is None:
