@@ -14,6 +14,7 @@ from deepspeed.accelerator import get_accelerator
 from .. import dist
 from ..config import Config, ds_config_path, grad_accum
 from ..errors import ConfigError
+from ..model.checkpointing import checkpoint_blocks
 
 # DeepSpeed 0.19's ZeRO calls torch's old collective names; torch warns on every rank at the first step. Harmless.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
@@ -104,6 +105,8 @@ class Engine:
         self.config = build_ds_config(cfg, world_size)
         if load_universal:  # a checkpoint saved with another world size, converted by reshard.py
             self.config["checkpoint"] = {**self.config.get("checkpoint", {}), "load_universal": True}
+        if cfg.engine.activation_checkpointing:  # before compiling: the compiled blocks then checkpoint
+            checkpoint_blocks(net)
         if compile_enabled(cfg.engine.compile):
             compile_blocks(net)
         params = [p for p in net.parameters() if p.requires_grad]
