@@ -54,11 +54,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     import datasets
+    import torch
 
     args = parse_args(argv)
     datasets.disable_progress_bars()  # one bar (ours) per shard write is enough
     rank, world = rank_and_world(args.rank, args.world_size)
-    device = str(dist.device()) if args.device == "auto" else args.device
+    device = dist.set_device() if args.device == "auto" else torch.device(args.device)
+    if device.type == "cuda":  # bind it: otherwise every rank of a node also opens a context on GPU 0
+        torch.cuda.set_device(device)
+    device = str(device)
     if args.vae_dtype == "fp16" and device == "cpu":
         print("[cache] note: fp16 VAE on CPU is slow or unsupported on some CPUs; consider --vae-dtype fp32", file=sys.stderr)
     source = open_source(args.source, args.split, args.image_column, args.label_column)

@@ -177,7 +177,7 @@ class Engine:
             torch.cuda.empty_cache()
 
 
-def compile_blocks(net: torch.nn.Module) -> None:
+def compile_blocks(net: torch.nn.Module, backend: str = "inductor") -> None:
     """torch.compile each transformer block in place ("regional" compilation): blocks of one width share one
     compiled graph, so a 28-block trunk compiles about as fast as one block, and the state-dict keys stay as they
     are (no `_orig_mod.` prefix). A new kept-token count (a mask-ratio schedule) recompiles once, after which
@@ -187,7 +187,7 @@ def compile_blocks(net: torch.nn.Module) -> None:
     if next(net.parameters()).device.type == "cpu":
         avoid_inductor_avx2_vectorization()
     for block in trunk_blocks(net):
-        block.compile()
+        block.compile(backend=backend)
 
 
 def avoid_inductor_avx2_vectorization() -> None:

@@ -82,13 +82,16 @@ def step_inputs(model_cfg, batch: int):
 
 
 def trace_step(model_cfg, micro_batch: int, precision: str, mask_strategy: str, mask_ratio: float,
-               block_size: int = 4, checkpointing: bool = False, fake: bool = True) -> ActivationTrace:
+               block_size: int = 4, checkpointing: bool = False, fake: bool = True,
+               autocast: bool = False) -> ActivationTrace:
     """One training step's activation memory: the loss forward and backward of `model_cfg` on a micro-batch,
-    the trunk in `precision` as DeepSpeed casts it. fake=False runs it for real on the CPU (the test's
-    reference); fake=True costs no memory."""
+    the trunk in `precision` as DeepSpeed casts it (autocast=True: fp32 weights and torch.autocast to
+    `precision`, as the plain-PyTorch baseline runs; the CPU's autocast op list stands in for the GPU's).
+    fake=False runs it for real on the CPU; fake=True costs no memory."""
     size = get_size(model_cfg.name)
     mode = torch._subclasses.fake_tensor.FakeTensorMode() if fake else contextlib.nullcontext()
-    with mode, default_dtype(TRAIN_DTYPES[precision]):
+    cast = torch.autocast("cpu", TRAIN_DTYPES[precision]) if autocast else contextlib.nullcontext()
+    with mode, default_dtype(torch.float32 if autocast else TRAIN_DTYPES[precision]):
         net = build_denoiser(model_cfg)  # under fake tensors its init costs nothing
     with mode:
         if checkpointing:
@@ -99,7 +102,8 @@ def trace_step(model_cfg, micro_batch: int, precision: str, mask_strategy: str, 
         loss_fn = MaskedEDMLoss(size.patch_size, model_cfg.num_classes)
         masker = Masker(mask_strategy, token_grid(model_cfg), mask_ratio, block_size)
         with LiveBytes([*net.parameters(), *net.buffers(), x, y]) as live:
-            loss, _ = loss_fn(net, x, y, masker)
+            with cast:
+                loss, _ = loss_fn(net, x, y, masker)
             saved = live.now
             loss.mean().backward()
     return ActivationTrace(saved=saved, peak=live.peak)
@@ -247,3 +251,19 @@ def zero_config(cfg: Config, world: int) -> dict:
     from .engine import build_ds_config
 
     return build_ds_config(cfg, world)
+
+
+def bench_runner_peak(model_cfg, batch: int, precision: str, ratios, strategy: str, engine: str,
+                      ds_config: dict) -> dict:
+    """Predicted peak bytes of one benchmark runner on one device (tools/gpu_check.py): the worst of its mask
+    ratios. engine "deepspeed": ZeRO-2 at world size 1 in `precision`; "torch": the plain baseline (fp32
+    weights, gradients and AdamW's two moments, 16 bytes per parameter, and autocast activations)."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_denoiser(model_cfg).parameters())
+    autocast = engine == "torch" and precision != "fp32"
+    activations = max(trace_step(model_cfg, batch, precision, strategy, r, autocast=autocast).peak for r in ratios)
+    if engine == "torch":
+        return {"static": 16 * params, "activations": activations, "peak": 16 * params + activations}
+    state = zero2_state(params, precision, 1, ds_config)
+    static = state["weights"] + state["gradients"] + state["optimizer"]
+    return {"static": static, "activations": activations, "peak": static + max(activations, state["step_grads"])}
