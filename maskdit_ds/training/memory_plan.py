@@ -158,16 +158,25 @@ def zero2_state(params: int, precision: str, world: int, ds_config: dict) -> dic
             "optimizer": 3 * 4 * partition, "step_grads": 4 * partition}
 
 
+def split_precision(precision: str) -> tuple[str, bool]:
+    """engine.precision -> (the dtype DeepSpeed keeps the weights in, whether the forward autocasts): fp16 /
+    bf16 / fp32 cast the model; amp_fp16 / amp_bf16 keep fp32 weights and autocast to the half type."""
+    if precision.startswith("amp_"):
+        return precision[len("amp_"):], True
+    return precision, False
+
+
 def plan_stage(name: str, cfg: Config, world: int, ds_config: dict) -> StagePlan:
     with torch.device("meta"):
         params = sum(p.numel() for p in build_denoiser(cfg.model).parameters() if p.requires_grad)
     precision = cfg.engine.precision
+    compute, autocast = split_precision(precision)
     masker = Masker(cfg.mask.strategy, token_grid(cfg.model), cfg.mask.ratio, cfg.mask.block_size)
     checkpointing = bool(getattr(cfg.engine, "activation_checkpointing", False))
-    trace = trace_step(cfg.model, cfg.train.micro_batch, precision, cfg.mask.strategy, cfg.mask.ratio,
-                       cfg.mask.block_size, checkpointing)
+    trace = trace_step(cfg.model, cfg.train.micro_batch, compute, cfg.mask.strategy, cfg.mask.ratio,
+                       cfg.mask.block_size, checkpointing, autocast=autocast)
     return StagePlan(name, precision, cfg.train.micro_batch, masker.kept, checkpointing, params,
-                     activations=trace.peak, **zero2_state(params, precision, world, ds_config))
+                     activations=trace.peak, **zero2_state(params, "fp32" if autocast else compute, world, ds_config))
 
 
 def plan_run(cfg: Config, world: int) -> list[StagePlan]:
@@ -244,6 +253,9 @@ def describe_plan(cfg: Config, world: int, device_memory: int | None) -> tuple[s
     if device_memory:
         lines.append(f"device memory: {gib(device_memory)}; a stage fits when its peak is at most {FIT_SHARE:.0%} "
                      f"of it (the rest: CUDA context, NCCL buffers, allocator fragmentation)")
+    if cfg.loss.align_weight:
+        lines.append("not counted: the alignment teacher (frozen, half precision) and projector, and their "
+                     "activations")
     return "\n".join(lines), all_fit
 
 

@@ -113,3 +113,13 @@ def test_checkpointed_blocks_give_the_plain_step_gradients(name):
     assert grads[0].keys() == grads[1].keys()
     for key in grads[0]:  # the backward recomputes the same forward with the same kernels: exactly equal
         assert torch.equal(grads[0][key], grads[1][key]), key
+
+
+def test_amp_precisions_keep_fp32_weights_and_trace_under_autocast():
+    assert memory_plan.split_precision("amp_bf16") == ("bf16", True)
+    assert memory_plan.split_precision("fp16") == ("fp16", False)
+    cfg = ModelConfig(name="MaskDiT-T/2", input_size=16, in_channels=4, num_classes=10)
+    fp32 = trace_step(cfg, 8, "fp32", "random", 0.0).peak
+    amp = trace_step(cfg, 8, "bf16", "random", 0.0, autocast=True).peak
+    half = trace_step(cfg, 8, "bf16", "random", 0.0).peak
+    assert half < amp < fp32  # autocast keeps some fp32 activations (norms, softmax inputs), casts the matmuls
