@@ -57,3 +57,37 @@ def test_gpu_check_rehearsal_prints_the_80gb_plan_and_fails_when_short(tmp_path)
     short = subprocess.run(["bash", "tools/gpu_check.sh", "--rehearse", "--budget", "120", "--out", str(tmp_path)],
                            cwd=ROOT, env=check_env(), capture_output=True, text=True, timeout=600)
     assert short.returncode == 1 and "phase bench_compiled does not fit the 120 s budget" in short.stderr
+
+
+def test_gpu_check_budget_drops_the_lowest_value_phases(tmp_path):
+    """Smoke predictions: 25 s per light phase. 60 s keeps env and collectives and drops everything after."""
+    proc = subprocess.run(["bash", "tools/gpu_check.sh", "--smoke", "--budget", "60", "--out", str(tmp_path)],
+                          cwd=ROOT, env=check_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert {name: p["status"] for name, p in result["phases"].items()} == {"env": "ok", "collectives": "ok"}
+    kept = {p["name"]: p["kept"] for p in result["plan"]["phases"]}
+    assert kept["collectives"] and not kept["attention"] and not kept["bench_eager"] and not kept["vae"]
+
+
+def test_a_runner_over_its_limit_is_recorded_and_the_next_runner_still_runs(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import gpu_check
+
+    runners = [{"name": "slow", "engine": "deepspeed", "precision": "fp32", "compile": False, "predicted_gib": 0.1,
+                "predicted_s": 1.0, "limit_s": 1},  # killed after 1 s: a python with deepspeed takes longer
+               {"name": "plain", "engine": "torch", "precision": "fp32", "compile": False, "predicted_gib": 0.1,
+                "predicted_s": 30.0, "limit_s": 300}]
+    monkeypatch.setattr(gpu_check, "plan_runners", lambda args, phase: runners)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = gpu_check.argparse.Namespace(out=str(tmp_path), smoke=True)
+    try:
+        gpu_check.bench_phase("bench_other")(args)
+        raise AssertionError("the phase should fail: one runner timed out")
+    except RuntimeError as err:
+        assert "['slow']" in str(err)
+    slow = json.loads((tmp_path / "runner_slow.json").read_text())
+    plain = json.loads((tmp_path / "runner_plain.json").read_text())
+    assert slow["status"] == "timeout" and "over its 1 s limit" in slow["error"]
+    assert plain["status"] == "ok" and {r["mask_ratio"] for r in plain["rows"]} == {0.5, 0.0}
