@@ -50,7 +50,8 @@ maskdit_env() {
   #   TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (older torch: NCCL_ASYNC_ERROR_HANDLING=1) aborts all ranks when a
   #                                 collective fails or times out, instead of hanging until the SLURM time limit.
   export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-  if [ -n "${NCCL_SOCKET_IFNAME:-}" ] && [ -z "${GLOO_SOCKET_IFNAME:-}" ] && [ "${NCCL_SOCKET_IFNAME#^}" = "$NCCL_SOCKET_IFNAME" ]; then
+  if [ -n "${NCCL_SOCKET_IFNAME:-}" ] && [ -z "${GLOO_SOCKET_IFNAME:-}" ] \
+     && [ "${NCCL_SOCKET_IFNAME#^}" = "$NCCL_SOCKET_IFNAME" ]; then
     export GLOO_SOCKET_IFNAME=$NCCL_SOCKET_IFNAME
   fi
   export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}

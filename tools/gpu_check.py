@@ -95,6 +95,7 @@ def phase_env(args) -> dict:
     else:
         out["gpus"], out["cpu_capability"] = [], torch.backends.cpu.get_cpu_capability()
     out["auto_precision"] = list(hardware.resolve_precision("auto"))
+    out["inductor_cache_dir"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # shared by every process of the check
     out["sampling_precision"] = hardware.sampling_precision("auto")
     return out
 
@@ -362,7 +363,8 @@ def random_vae(folder: Path, smoke: bool) -> Path:
 
 
 def phase_sampling(args) -> dict:
-    """python -m maskdit_ds sample on a random-weight export with guidance and a random SD VAE decoder, per precision."""
+    """python -m maskdit_ds sample on a random-weight export with guidance and a random SD VAE decoder, per
+    precision."""
     s, work = sizes(args), Path(args.out) / "sampling"
     shutil.rmtree(work, ignore_errors=True)
     model = random_export(work / "model", s["model"], s["latent"])

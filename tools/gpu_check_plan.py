@@ -112,12 +112,13 @@ def predict_memory(sizes: dict, runners: list[Runner], device_memory: int | None
     from maskdit_ds.config import ModelConfig
     from maskdit_ds.training.bench import bench_config
     from maskdit_ds.training.engine import build_ds_config
-    from maskdit_ds.training.memory_plan import BYTES, FIT_SHARE, GiB, bench_runner_peak
+    from maskdit_ds.hardware import DTYPES
+    from maskdit_ds.training.memory_plan import FIT_SHARE, GiB, bench_runner_peak
 
     model = ModelConfig(name=sizes["model"], input_size=sizes["latent"], in_channels=4, num_classes=1000)
     cache = {}
     for runner in runners:
-        key = (runner.engine, BYTES[runner.precision])
+        key = (runner.engine, DTYPES[runner.precision].itemsize)
         if key not in cache:
             cfg = bench_config(sizes["model"], sizes["latent"], 4, sizes["batch"], runner.precision)
             cache[key] = bench_runner_peak(model, sizes["batch"], runner.precision, sizes["ratios"], "random",

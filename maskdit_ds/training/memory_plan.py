@@ -29,13 +29,12 @@ from torch.utils._pytree import tree_flatten
 
 from ..config import Config, stage_config, stages_of
 from ..diffusion import MaskedEDMLoss
+from ..hardware import DTYPES
 from ..model import Masker, build_denoiser, get_size, token_grid
 from ..model.checkpointing import checkpoint_blocks
 
 FIT_SHARE = 0.9  # of the device's memory a plan may use (the rest: CUDA context, NCCL, fragmentation)
 GiB = 2**30
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-TRAIN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class LiveBytes(TorchDispatchMode):
@@ -90,8 +89,8 @@ def trace_step(model_cfg, micro_batch: int, precision: str, mask_strategy: str, 
     fake=False runs it for real on the CPU; fake=True costs no memory."""
     size = get_size(model_cfg.name)
     mode = torch._subclasses.fake_tensor.FakeTensorMode() if fake else contextlib.nullcontext()
-    cast = torch.autocast("cpu", TRAIN_DTYPES[precision]) if autocast else contextlib.nullcontext()
-    with mode, default_dtype(torch.float32 if autocast else TRAIN_DTYPES[precision]):
+    cast = torch.autocast("cpu", DTYPES[precision]) if autocast else contextlib.nullcontext()
+    with mode, default_dtype(torch.float32 if autocast else DTYPES[precision]):
         net = build_denoiser(model_cfg)  # under fake tensors its init costs nothing
     with mode:
         if checkpointing:
@@ -151,7 +150,7 @@ class StagePlan:
 def zero2_state(params: int, precision: str, world: int, ds_config: dict) -> dict:
     """Engine state per device under DeepSpeed ZeRO-2 (see the module docstring for where each term comes from)."""
     zero = ds_config.get("zero_optimization", {})
-    width = BYTES[precision]
+    width = DTYPES[precision].itemsize
     partition = -(-params // world)  # ceil: DeepSpeed pads the flat buffer to the world size
     buckets = (2 if zero.get("overlap_comm") else 1) * int(zero.get("reduce_bucket_size", 5e8)) * width
     return {"weights": params * width, "gradients": partition * width + min(buckets, params * width),

@@ -24,6 +24,7 @@ def test_gpu_check_smoke_runs_every_phase_and_writes_its_report(tmp_path):
         name: "ok" for name in ("attention", "bench_eager", "bench_other", "collectives", "env", "gemm",
                                 "sampling", "trainer", "vae")}
     assert phases["collectives"]["result"]["backend"] == "gloo"  # nccl on GPUs
+    assert phases["env"]["result"]["inductor_cache_dir"] == str(tmp_path / "inductor_cache")  # one for all
     assert set(phases["collectives"]["result"]["probes"].values()) == {"ok"}
     runners = result["runners"]
     assert set(runners) == {"deepspeed-fp32-eager", "torch-fp32-eager"}  # one process each

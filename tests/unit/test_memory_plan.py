@@ -27,8 +27,8 @@ def test_traced_activations_match_a_measured_cpu_step(ratio, precision, flags):
     shows, presumably the CPU's bf16 kernels' own buffers; only a step this small makes it visible.) The measurement is
     the process's peak resident memory growth with every tensor mapped on its own (see measure_step_memory.py).
     Tolerance: the measurement may exceed the trace by up to 10% (page rounding of each mapping and the CPU
-    kernels' internal scratch, which no tensor shows; measured 0.6-5.3% on this machine for these steps) and may not fall below
-    it by more than 3% (the trace would then count memory that is not there)."""
+    kernels' internal scratch, which no tensor shows; measured 0.6-5.3% on this machine for these steps) and may
+    not fall below it by more than 3% (the trace would then count memory that is not there)."""
     cfg = ModelConfig(name="MaskDiT-S/2", input_size=16, in_channels=4, num_classes=10)
     predicted = trace_step(cfg, 16, precision, "random", ratio, checkpointing=bool(flags)).peak
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1",
