@@ -96,6 +96,7 @@ class EngineConfig:
     tf32: bool = True  # allow TF32 matmuls on GPU in fp32 runs
     optimizer: str = "auto"  # AdamW kernel: auto (torch_fused on GPU, torch on CPU) / torch_fused / torch / deepspeed_fused (JIT build)
     compile: str = "auto"  # torch.compile each transformer block: auto (on for GPUs, off for CPUs) / true / false
+    activation_checkpointing: bool = False  # recompute each transformer block in the backward (less memory, ~1 more trunk forward); --dry-run's memory plan says when a stage needs it
 
 
 @dataclass

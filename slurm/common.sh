@@ -44,9 +44,16 @@ maskdit_env() {
   #   NCCL_IB_HCA=mlx5              restrict NCCL to these HCAs (names from `ibv_devices`).
   #   NCCL_SOCKET_IFNAME=ib0|eth0   interface for NCCL's bootstrap and socket transport; set it when nodes have
   #                                 several NICs and the default pick is not routable between them ("^lo,docker").
+  #   GLOO_SOCKET_IFNAME=ib0|eth0   the same for gloo, which carries the long barriers (final sampling, resharding)
+  #                                 beside NCCL and all of a CPU run: one interface name (no "^" exclusions);
+  #                                 taken from NCCL_SOCKET_IFNAME when that names interfaces.
   #   TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (older torch: NCCL_ASYNC_ERROR_HANDLING=1) aborts all ranks when a
   #                                 collective fails or times out, instead of hanging until the SLURM time limit.
   export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+  if [ -n "${NCCL_SOCKET_IFNAME:-}" ] && [ -z "${GLOO_SOCKET_IFNAME:-}" ] \
+     && [ "${NCCL_SOCKET_IFNAME#^}" = "$NCCL_SOCKET_IFNAME" ]; then
+    export GLOO_SOCKET_IFNAME=$NCCL_SOCKET_IFNAME
+  fi
   export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
   export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-$TORCH_NCCL_ASYNC_ERROR_HANDLING}
 

@@ -1,10 +1,12 @@
-"""The phases of tools/gpu_check.sh: one machine with GPUs (or, with --smoke, a CPU with tiny sizes) checked end to
-end, each phase writing <out>/<phase>.json; `report` joins them into gpu_check.json and gpu_check.md.
+"""The phases of tools/gpu_check.sh: one machine with GPUs (or, with --smoke, a CPU with tiny sizes) checked end
+to end, each phase writing <out>/phase_<name>.json as it finishes and each benchmark runner
+<out>/runner_<name>.json as it finishes; `report` joins them into gpu_check.json and gpu_check.md.
 
   python tools/gpu_check.py env --out gpu_check_out [--smoke]
   python tools/gpu_check.py report --out gpu_check_out
-Phases: env, collectives, attention, gemm, bench, trainer, sampling, vae, report. Nothing is downloaded: every model,
-VAE and Inception network is built from a config with random weights; the data are generated images.
+Phases, in order of value (tools/gpu_check_plan.py): env, collectives, attention, bench_eager, bench_compiled,
+bench_other, gemm, trainer, sampling, vae. Nothing is downloaded: every model, VAE and Inception network is built
+from a config with random weights; the data are generated images.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ ROOT = TOOLS.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(TOOLS))
 
+import gpu_check_plan  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -32,12 +35,10 @@ from maskdit_ds import dist, hardware  # noqa: E402
 from maskdit_ds.timing import time_calls  # noqa: E402
 
 # Sizes: the issue's (XL/2 at 256 px, batch 128) on GPUs; tiny ones for the CPU smoke run in the test suite.
-FULL = dict(model="MaskDiT-XL/2", latent=32, batch=128, gemm=8192, precisions=("bf16", "fp16"), compile="both",
-            rounds=3, steps=3, trainer_model="MaskDiT-B/2", trainer_res=32, trainer_steps=20, stop_at=6,
-            sample_images=128, sample_steps=18, vae_res=256, vae_images=256)
-SMOKE = dict(model="MaskDiT-T/2", latent=8, batch=4, gemm=256, precisions=("fp32",), compile="off",
-             rounds=1, steps=2, trainer_model="MaskDiT-T/2", trainer_res=16, trainer_steps=6, stop_at=2,
-             sample_images=4, sample_steps=2, vae_res=32, vae_images=8)
+FULL = dict(gpu_check_plan.FULL, gemm=8192, trainer_model="MaskDiT-B/2", trainer_res=32, trainer_steps=20,
+            stop_at=6, vae_res=256, vae_images=256)
+SMOKE = dict(gpu_check_plan.SMOKE, gemm=256, trainer_model="MaskDiT-T/2", trainer_res=16, trainer_steps=6,
+             stop_at=2, vae_res=32, vae_images=8)
 TINY_VAE = dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1, norm_num_groups=32, sample_size=32)
 
 
@@ -94,6 +95,7 @@ def phase_env(args) -> dict:
     else:
         out["gpus"], out["cpu_capability"] = [], torch.backends.cpu.get_cpu_capability()
     out["auto_precision"] = list(hardware.resolve_precision("auto"))
+    out["inductor_cache_dir"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # shared by every process of the check
     out["sampling_precision"] = hardware.sampling_precision("auto")
     return out
 
@@ -183,34 +185,80 @@ def timed(fn, device, repeats: int) -> float:
     return statistics.median(time_calls(fn, repeats + 1)[1:])
 
 
-def phase_bench(args) -> dict:
-    """python -m maskdit_ds bench: masked vs unmasked, eager vs compiled, and the plain-PyTorch baseline, per precision."""
-    s, out = sizes(args), {}
-    for precision in s["precisions"]:
-        rows_file = Path(args.out) / f"bench_{precision}.json"
-        cmd = [sys.executable, "-m", "maskdit_ds", "bench", "--model", s["model"], "--input-size", str(s["latent"]),
-               "--channels", "4", "--batch", str(s["batch"]), "--precision", precision, "--compile", s["compile"],
-               "--baseline", "--rounds", str(s["rounds"]), "--steps", str(s["steps"]), "--warmup", "2",
-               "--json", str(rows_file)]
-        run(cmd, Path(args.out) / f"bench_{precision}.log")
+def plan_runners(args, phase: str) -> list[dict]:
+    """The phase's runners with their predictions: from <out>/plan.json (written by gpu_check.sh while the first
+    phases run; the memory traces take a few seconds each), else the plan without memory predictions."""
+    path = Path(args.out) / "plan.json"
+    for _ in range(120):  # the background plan is normally done long before the bench phases
+        if path.is_file():
+            break
+        time.sleep(0.5)
+    if path.is_file():
+        phases = json.loads(path.read_text())["phases"]
+    else:
+        phases = gpu_check_plan.to_json(gpu_check_plan.build_plan(args.smoke, float("inf"), None, memory=False))
+    return next((p["runners"] for p in phases if p["name"] == phase), [])
+
+
+def run_runner(args, runner: dict) -> dict:
+    """One benchmark runner in a fresh process (nothing else in its memory) under its own limit; its record is
+    saved before the next runner starts, so a later out-of-memory or timeout cannot take it away."""
+    s, out = sizes(args), Path(args.out)
+    rows_file = out / f"bench_{runner['name']}.json"
+    cmd = [sys.executable, "-m", "maskdit_ds", "bench", "--model", s["model"], "--input-size", str(s["latent"]),
+           "--channels", "4", "--batch", str(s["batch"]), "--precision", runner["precision"],
+           "--compile", "on" if runner["compile"] else "off", "--ratios", ",".join(map(str, s["ratios"])),
+           "--rounds", str(gpu_check_plan.ROUNDS), "--steps", str(gpu_check_plan.STEPS),
+           "--warmup", str(gpu_check_plan.WARMUP), "--json", str(rows_file)]
+    if runner["engine"] == "torch":
+        cmd.append("--no-deepspeed")
+    record, start = {**runner, "status": "ok"}, time.time()
+    try:
+        run(cmd, out / f"bench_{runner['name']}.log", timeout=runner["limit_s"] or None)
         rows = json.loads(rows_file.read_text())
-        out[precision] = {"rows": rows, **bench_summary(rows)}
-    return out
+        record.update(rows=rows, measured_peak_gib=max(r["peak_mem_gb"] for r in rows))
+    except subprocess.TimeoutExpired:
+        record.update(status="timeout", error=f"over its {runner['limit_s']} s limit")
+    except Exception as err:  # an out-of-memory shows here: record it, the next runner still runs
+        record.update(status="failed", error=f"{type(err).__name__}: {err}")
+    record["seconds"] = time.time() - start
+    (out / f"runner_{runner['name']}.json").write_text(json.dumps(record, indent=2, default=str))
+    print(f"[gpu_check] runner {runner['name']}: {record['status']} in {record['seconds']:.0f} s "
+          f"(predicted {runner['predicted_s']:.0f} s, {runner['predicted_gib']} GiB)", flush=True)
+    return record
 
 
-def bench_summary(rows: list[dict]) -> dict:
-    """The figures the targets are stated in: masked/unmasked step time, compiled/eager speed-up, MFU."""
-    step = {(r["runner"], r["mask_ratio"]): r for r in rows}
-    best = "deepspeed+compile" if ("deepspeed+compile", 0.5) in step else "deepspeed"
-    out = {"runner": best, "masked_mfu": step[best, 0.5]["mfu"],
-           "masked_images_per_s": step[best, 0.5]["images_per_s"],
-           "masked_over_unmasked_step": step[best, 0.5]["median_step_s"] / step[best, 0.0]["median_step_s"],
-           "peak_mem_gb": max(r["peak_mem_gb"] for r in rows)}
-    if ("deepspeed+compile", 0.5) in step and ("deepspeed", 0.5) in step:
-        out["compiled_speedup_masked"] = step["deepspeed", 0.5]["median_step_s"] / \
-            step["deepspeed+compile", 0.5]["median_step_s"]
-    if ("torch", 0.5) in step:
-        out["deepspeed_over_torch_masked"] = step["torch", 0.5]["median_step_s"] / step[best, 0.5]["median_step_s"]
+def bench_phase(name: str):
+    def phase(args) -> dict:
+        records = [run_runner(args, runner) for runner in plan_runners(args, name)]
+        failed = [r["name"] for r in records if r["status"] != "ok"]
+        if failed:
+            raise RuntimeError(f"runners {failed} did not finish; see runner_*.json")
+        return {"runners": [r["name"] for r in records]}
+    phase.__doc__ = f"python -m maskdit_ds bench, one process per runner of the plan's {name} phase."
+    return phase
+
+
+def runner_step(records: dict, runner: str, ratio: float) -> float | None:
+    rows = (records.get(runner) or {}).get("rows") or []
+    return next((r["median_step_s"] for r in rows if r["mask_ratio"] == ratio), None)
+
+
+def bench_summary(records: dict, precision: str) -> dict:
+    """The figures the targets are stated in, from the runners of one precision: masked MFU, masked/unmasked step
+    time, compiled/eager speed-up, DeepSpeed engine/plain-PyTorch step time."""
+    eager, compiled, plain = (f"deepspeed-{precision}-eager", f"deepspeed-{precision}-compiled",
+                              f"torch-{precision}-eager")
+    best = compiled if runner_step(records, compiled, 0.5) else eager
+    rows = {r["mask_ratio"]: r for r in (records.get(best) or {}).get("rows") or []}
+    out = {"runner": best}
+    if 0.5 in rows and 0.0 in rows:
+        out.update(masked_mfu=rows[0.5]["mfu"], masked_images_per_s=rows[0.5]["images_per_s"],
+                   masked_over_unmasked_step=rows[0.5]["median_step_s"] / rows[0.0]["median_step_s"])
+    if runner_step(records, eager, 0.5) and runner_step(records, compiled, 0.5):
+        out["compiled_speedup_masked"] = runner_step(records, eager, 0.5) / runner_step(records, compiled, 0.5)
+    if runner_step(records, eager, 0.5) and runner_step(records, plain, 0.5):
+        out["engine_over_plain_masked"] = runner_step(records, eager, 0.5) / runner_step(records, plain, 0.5)
     return out
 
 
@@ -238,7 +286,8 @@ def phase_trainer(args) -> dict:
     cmd = [sys.executable, "-m", "maskdit_ds", "train", "--config", "digits", f"run.out_dir={work}", "run.name=run",
            "data.source=images", f"data.path={work / 'images'}", f"data.resolution={s['trainer_res']}",
            "data.num_workers=2", f"model.name={s['trainer_model']}", f"model.input_size={s['trainer_res']}",
-           "model.in_channels=3", "model.num_classes=4", f"engine.precision={precision}", "train.stages=[]",
+           "model.in_channels=3", "model.num_classes=4", f"engine.precision={precision}",
+           "engine.compile=false", "train.stages=[]",
            f"train.steps={steps}", "train.global_batch=16", "train.micro_batch=8", "train.log_every=2",
            f"train.ckpt_every={steps // 2}", f"train.grid_every={steps // 2}", "train.ema_decay=0.9",
            "sample.steps=4", "sample.grid_size=4", f"eval.fid_every={steps // 2}", "eval.fid_samples=16",
@@ -292,7 +341,7 @@ def random_export(folder: Path, model: str, latent: int) -> Path:
     from maskdit_ds.model import build_denoiser
 
     cfg = ModelConfig(name=model, input_size=latent, in_channels=4, num_classes=1000)
-    net = build_denoiser(cfg)
+    net = build_denoiser(cfg, device=dist.device())  # initialised where it runs, not on the CPU
     with torch.no_grad():
         for p in net.parameters():
             if p.abs().sum() == 0:
@@ -314,7 +363,8 @@ def random_vae(folder: Path, smoke: bool) -> Path:
 
 
 def phase_sampling(args) -> dict:
-    """python -m maskdit_ds sample on a random-weight export with guidance and a random SD VAE decoder, per precision."""
+    """python -m maskdit_ds sample on a random-weight export with guidance and a random SD VAE decoder, per
+    precision."""
     s, work = sizes(args), Path(args.out) / "sampling"
     shutil.rmtree(work, ignore_errors=True)
     model = random_export(work / "model", s["model"], s["latent"])
@@ -350,19 +400,21 @@ def phase_vae(args) -> dict:
 
 # ---------------------------------------------------------------- the report
 
-TARGETS = (  # (name, figure, test, threshold text) from the GPU issue
+TARGETS = (  # (name, figure, test) from the GPU issue
     ("masked MFU >= 45%", lambda b: b.get("masked_mfu"), lambda v: v >= 0.45),
     ("compiled >= 1.15x eager", lambda b: b.get("compiled_speedup_masked"), lambda v: v >= 1.15),
     ("masked/unmasked step time <= 0.55", lambda b: b.get("masked_over_unmasked_step"), lambda v: v <= 0.55),
+    ("engine/plain step time <= 1.10", lambda b: b.get("engine_over_plain_masked"), lambda v: v <= 1.10),
 )
 
 
 def report(out: Path) -> dict:
-    phases = {}
-    for path in sorted(out.glob("phase_*.json")):
-        phases[path.stem[len("phase_"):]] = json.loads(path.read_text())
+    phases = {path.stem[len("phase_"):]: json.loads(path.read_text()) for path in sorted(out.glob("phase_*.json"))}
+    runners = {path.stem[len("runner_"):]: json.loads(path.read_text())
+               for path in sorted(out.glob("runner_*.json"))}
     targets = {}
-    for precision, bench in (phases.get("bench", {}).get("result") or {}).items():
+    for precision in sorted({r["precision"] for r in runners.values()}):
+        bench = bench_summary(runners, precision)
         for name, figure, ok in TARGETS:
             value = figure(bench)
             targets[f"{precision}: {name}"] = {"value": value, "met": None if value is None else bool(ok(value))}
@@ -370,7 +422,8 @@ def report(out: Path) -> dict:
         minutes = sample.get("gpu_minutes_for_50k_at_40_steps")
         targets[f"{precision} sampling: 50k images <= 80 GPU-minutes"] = {
             "value": minutes, "met": None if minutes is None else minutes <= 80}
-    result = {"phases": phases, "targets": targets}
+    plan = json.loads((out / "plan.json").read_text()) if (out / "plan.json").is_file() else None
+    result = {"plan": plan, "phases": phases, "runners": runners, "targets": targets}
     (out / "gpu_check.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "gpu_check.md").write_text(markdown(result))
     return result
@@ -378,13 +431,21 @@ def report(out: Path) -> dict:
 
 def markdown(result: dict) -> str:
     env = result["phases"].get("env", {}).get("result") or {}
+    predicted = {p["name"]: p["predicted_s"] for p in (result["plan"] or {}).get("phases", [])}
     lines = [f"# gpu_check: {', '.join(env.get('gpus') or ['CPU'])}", "",
              f"torch {env.get('torch')}, CUDA {env.get('cuda')}, nvcc {env.get('nvcc_version') or 'absent'}, "
              f"DeepSpeed {(env.get('packages') or {}).get('deepspeed')}", "",
-             "| phase | status | seconds | notes |", "|---|---|---|---|"]
+             "| phase | status | seconds | predicted s | notes |", "|---|---|---|---|---|"]
     for name, phase in result["phases"].items():
         note = " ".join((phase.get("error") or "").split())[:200].replace("|", "/")
-        lines.append(f"| {name} | {phase['status']} | {phase.get('seconds', 0):.0f} | {note} |")
+        guess = predicted.get(name)
+        lines.append(f"| {name} | {phase['status']} | {phase.get('seconds', 0):.0f} | "
+                     f"{'n/a' if guess is None else f'{guess:.0f}'} | {note} |")
+    lines += ["", "| runner | status | seconds | predicted s | peak GiB | predicted GiB |", "|---|---|---|---|---|---|"]
+    for name, r in result["runners"].items():
+        peak = r.get("measured_peak_gib")
+        lines.append(f"| {name} | {r['status']} | {r['seconds']:.0f} | {r['predicted_s']:.0f} | "
+                     f"{'n/a' if peak is None else f'{peak:.2f}'} | {r.get('predicted_gib')} |")
     lines += ["", "| target | value | met |", "|---|---|---|"]
     for name, t in result["targets"].items():
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
@@ -392,8 +453,10 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-PHASES = {"env": phase_env, "collectives": phase_collectives, "attention": phase_attention, "gemm": phase_gemm,
-          "bench": phase_bench, "trainer": phase_trainer, "sampling": phase_sampling, "vae": phase_vae}
+PHASES = {"env": phase_env, "collectives": phase_collectives, "attention": phase_attention,
+          "bench_eager": bench_phase("bench_eager"), "bench_compiled": bench_phase("bench_compiled"),
+          "bench_other": bench_phase("bench_other"), "gemm": phase_gemm, "trainer": phase_trainer,
+          "sampling": phase_sampling, "vae": phase_vae}
 
 
 def main(argv=None) -> int:
@@ -407,7 +470,8 @@ def main(argv=None) -> int:
     if args.phase == "report":
         result = report(out)
         print((out / "gpu_check.md").read_text(), flush=True)
-        return 0 if all(ph["status"] in ("ok", "skipped") for ph in result["phases"].values()) else 1
+        ok = all(ph["status"] in ("ok", "skipped") for ph in result["phases"].values())
+        return 0 if ok and all(r["status"] == "ok" for r in result["runners"].values()) else 1
     start, record = time.time(), {"status": "ok"}
     try:
         record["result"] = PHASES[args.phase](args)

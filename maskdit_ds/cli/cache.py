@@ -56,11 +56,15 @@ def parse(argv=None):
 @command
 def main(argv=None) -> int:
     import datasets
+    import torch
 
     args = parse(argv)
     datasets.disable_progress_bars()  # one bar (ours) per shard write is enough
     rank, world = rank_and_world(args.rank, args.world_size)
-    device = str(dist.device()) if args.device == "auto" else args.device
+    device = dist.set_device() if args.device == "auto" else torch.device(args.device)
+    if device.type == "cuda":  # bind it: otherwise every rank of a node also opens a context on GPU 0
+        torch.cuda.set_device(device)
+    device = str(device)
     args.vae_dtype = sampling_precision(args.vae_dtype)  # what ran is recorded in the cache
     if args.vae_dtype == "fp16" and device == "cpu":
         dist.say("[cache] note: fp16 VAE on CPU is slow or unsupported on some CPUs; consider --vae-dtype fp32")

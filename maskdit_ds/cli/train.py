@@ -15,6 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="preset name (see maskdit_ds/configs) or a YAML file")
     p.add_argument("--dry-run", action="store_true", help="validate, print config, ds_config, params, FLOPs")
     p.add_argument("--world-size", type=int, default=None, help="with --dry-run: the world size to check")
+    p.add_argument("--device-memory", default=None,
+                   help="with --dry-run: memory per device for the memory plan, e.g. 80GB (default: this "
+                        "machine's GPU; none on a CPU)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch=32")
     return p
 
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from ..training import dry_run
 
-        return dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", 1)))
+        return dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", 1)), args.device_memory)
     from ..training import train
 
     return train(cfg)

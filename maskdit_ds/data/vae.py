@@ -84,6 +84,8 @@ def load_vae(spec: str, dtype: str = "fp32", device="cpu", subfolder: str = None
         vae = AutoencoderKL.from_pretrained(spec, subfolder=subfolder, torch_dtype=torch_dtype)
         weights, vae_id = _hub_weights(spec, subfolder), spec + (f"/{subfolder}" if subfolder else "")
     vae = vae.to(device).eval().requires_grad_(False)
+    if torch.device(device).type == "cuda":  # a convolutional network at a few fixed shapes: let cuDNN time its
+        torch.backends.cudnn.benchmark = True  # algorithms once per shape and keep the fastest
     cfg = vae.config
     info = {
         "id": vae_id,

@@ -2,12 +2,15 @@
 
 Backbones register themselves (model/registry.py) when their modules are imported here: maskdit.py, uvit.py.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 
 from .export import export, export_state, find_export, load_pretrained, read_export_config
 from .flops import forward_flops, gemm_shapes, train_flops
 from .maskdit import MaskDiT
+from .materialise import materialise, on_meta
 from .masking import STRATEGIES, Masker, MaskRecord, Strategy, kept_tokens, make_mask, num_kept
 from .precond import EDMPrecond
 from .registry import BACKBONES, MODELS, Backbone, ModelSize, get_size, register_backbone
@@ -16,11 +19,20 @@ from .uvit import UViT
 DENOISER_FIELDS = ("name", "input_size", "in_channels", "num_classes", "sigma_data")
 
 
-def build_denoiser(model_cfg) -> EDMPrecond:
-    """model_cfg: a config.ModelConfig, or anything with the DENOISER_FIELDS as attributes."""
+def build_denoiser(model_cfg, device=None) -> EDMPrecond:
+    """model_cfg: a config.ModelConfig, or anything with the DENOISER_FIELDS as attributes.
+
+    device None: built and initialised on the CPU. "meta": shapes only (no memory, no init; for loading weights
+    with load_state_dict(assign=True) or counting). Any other device: built on meta and initialised there
+    (model/materialise.py; on the CPU the same weights as device None for the same seed)."""
     size = get_size(model_cfg.name)
-    net = BACKBONES[size.backbone].network(size, model_cfg.input_size, model_cfg.in_channels, model_cfg.num_classes)
-    return EDMPrecond(net, sigma_data=model_cfg.sigma_data)
+    with torch.device("meta") if device is not None else contextlib.nullcontext():
+        net = BACKBONES[size.backbone].network(size, model_cfg.input_size, model_cfg.in_channels,
+                                               model_cfg.num_classes)
+        net = EDMPrecond(net, sigma_data=model_cfg.sigma_data)
+    if device is not None and torch.device(device).type != "meta":
+        materialise(net, device)
+    return net
 
 
 def trunk_blocks(net: nn.Module) -> list[nn.Module]:
@@ -43,6 +55,6 @@ def token_grid(model_cfg) -> int:
 
 __all__ = ["BACKBONES", "DENOISER_FIELDS", "MODELS", "STRATEGIES", "Backbone", "ModelSize", "MaskDiT", "UViT",
            "EDMPrecond", "MaskRecord", "Masker", "Strategy", "build_denoiser", "export", "export_state", "find_export",
-           "forward_flops", "gemm_shapes", "get_size", "kept_tokens", "load_pretrained", "make_mask", "num_kept",
-           "position_tables", "read_export_config", "register_backbone", "token_grid", "train_flops",
-           "trunk_blocks"]
+           "forward_flops", "gemm_shapes", "get_size", "kept_tokens", "load_pretrained", "make_mask", "materialise",
+           "num_kept", "on_meta", "position_tables", "read_export_config", "register_backbone", "token_grid",
+           "train_flops", "trunk_blocks"]

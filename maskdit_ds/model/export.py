@@ -134,7 +134,7 @@ def shape_problems(state: dict, expected: dict[str, tuple]) -> list[str]:
     return problems
 
 
-def load_export_state(folder: Path, config: dict) -> dict:
+def load_export_state(folder: Path, config: dict, device="cpu") -> dict:
     """folder/model.safetensors, checked before use against the network config.json describes: readable, every
     key and shape, and (exports written since the weights record it) the same model record, which catches an
     export of another input size (no weight's shape depends on it). A problem raises InputError naming the file."""
@@ -145,7 +145,7 @@ def load_export_state(folder: Path, config: dict) -> dict:
     try:
         with safe_open(str(path), "pt") as f:
             recorded = (f.metadata() or {}).get(MODEL_METADATA)
-        state = load_file(str(path))
+        state = load_file(str(path), device=str(torch.device(device)))
     except Exception as err:  # SafetensorError (truncated, garbage), OSError: the file is not usable
         raise InputError(f"{path}: not a readable safetensors file ({one_line(err)})") from None
     model = config["model"]
@@ -174,7 +174,7 @@ def load_pretrained(path, device="cpu"):
 
     folder = find_export(Path(path))
     config = read_export_config(folder)
-    state = load_export_state(folder, config)
-    net = build_denoiser(SimpleNamespace(**config["model"]))
-    net.load_state_dict(state)
-    return net.to(device).eval().requires_grad_(False)
+    state = load_export_state(folder, config, device)  # checked: readable, every key and shape
+    net = build_denoiser(SimpleNamespace(**config["model"]), device="meta")  # no random init, no memory
+    net.load_state_dict(state, assign=True)  # the file's tensors become the parameters, already on `device`
+    return net.to(device).eval().requires_grad_(False)  # .to: the fixed sin-cos tables, computed on device

@@ -32,7 +32,7 @@ class FixedSinCos(nn.Module):
     """A frozen sin-cos table that stays exact float32 when DeepSpeed casts the whole module to fp16/bf16.
 
     The table is a non-persistent buffer (recomputed, never checkpointed). A dtype cast would round it, so after
-    any `_apply` (module.half(), .to(dtype), .cuda()) we rebuild it in float32 on the new device.
+    any `_apply` (module.half(), .to(dtype), .cuda(), .to_empty()) we rebuild it in float32 on the new device.
     """
 
     def __init__(self, dim: int, grid_size: int):
@@ -41,9 +41,10 @@ class FixedSinCos(nn.Module):
         self.register_buffer("table", sincos_2d_table(dim, grid_size), persistent=False)
 
     def _apply(self, fn, recurse=True):
+        # Recomputed after every _apply (a few ms at 512 px): a cast would round it, and to_empty (giving a
+        # meta-built network storage, model/materialise.py) would leave it uninitialised.
         super()._apply(fn, recurse)
-        if self.table.dtype != torch.float32:
-            self.table = sincos_2d_table(self.dim, self.grid_size).to(self.table.device)
+        self.table = sincos_2d_table(self.dim, self.grid_size).to(self.table.device)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from .. import dist
 from ..config import load_config, resolve_auto
 from ..diffusion import MaskedEDMLoss
 from ..hardware import DTYPES, TRAINING_MODES, device_peak_tflops, sampling_precision
-from ..model import Masker, build_denoiser, gemm_shapes, get_size, token_grid, train_flops
+from ..model import Masker, build_denoiser, gemm_shapes, get_size, materialise, token_grid, train_flops
 from ..model.align import AlignedDenoiser
 from ..model.teacher import load_teacher
 from ..timing import interleave, time_calls
@@ -60,20 +60,20 @@ class TorchBaseline:
 
 def engines(cfg, compile: str, build) -> dict:
     """DeepSpeed runners by name: eager, compiled (engine.compile=true), or both to interleave them. build() makes
-    each a fresh network."""
+    each a fresh network on the bench's device."""
     chosen = {"both": ("false", "true"), "on": ("true",), "off": ("false",), "auto": (cfg.engine.compile,)}[compile]
     out = {}
     for choice in chosen:
         cfg.engine.compile = choice
         name = "deepspeed+compile" if compile_enabled(choice) else "deepspeed"
-        out[name] = Engine(build().to(dist.device()), cfg, world_size=1)
+        out[name] = Engine(build(), cfg, world_size=1)
     return out
 
 
 def runners_for(cfg, compile: str, baseline: bool, deepspeed: bool, build) -> dict:
     runners = engines(cfg, compile, build) if deepspeed else {}
     if baseline or not deepspeed:
-        runners["torch"] = TorchBaseline(build().to(dist.device()), cfg.optim.lr, cfg.engine.precision)
+        runners["torch"] = TorchBaseline(build(), cfg.optim.lr, cfg.engine.precision)
     return runners
 
 
@@ -101,8 +101,10 @@ def alignment_modes(cfg, align: dict, compile: str, baseline: bool, deepspeed: b
                                                                    align["resolution"]), device=device,
                                                           dtype=torch.uint8)
 
-    def build():
-        return AlignedDenoiser(build_denoiser(cfg.model), align["depth"], align["proj_dim"], teacher.dim)
+    def build():  # on the meta device, initialised on the bench's device (no CPU init of an XL/2)
+        with torch.device("meta"):
+            net = AlignedDenoiser(build_denoiser(cfg.model, "meta"), align["depth"], align["proj_dim"], teacher.dim)
+        return materialise(net, device)
 
     runners = runners_for(cfg, compile, baseline, deepspeed, build)
     return {(f"{name}+align", r): step_fn(runner, loss_fn, maskers[r], x, y, teacher, images)
@@ -125,7 +127,7 @@ def run(model="MaskDiT-S/2", input_size=32, channels=4, batch=16, precision="aut
     init_distributed()
     cfg = bench_config(model, input_size, channels, batch, precision, strategy, block_size)
     torch.manual_seed(0)
-    runners = runners_for(cfg, compile, baseline, deepspeed, lambda: build_denoiser(cfg.model))
+    runners = runners_for(cfg, compile, baseline, deepspeed, lambda: build_denoiser(cfg.model, dist.device()))
     size, grid, device = get_size(model), token_grid(cfg.model), dist.device()
     loss_fn = MaskedEDMLoss(size.patch_size, cfg.model.num_classes, label_dropout=0.1)
     x = torch.randn(batch, channels, input_size, input_size, device=device)

@@ -17,6 +17,7 @@ from ..config import Config, ds_config_path, grad_accum
 from ..errors import ConfigError, TrainingError
 from ..hardware import TRAINING_MODES
 from ..optimizers import OPTIMIZERS
+from ..model.checkpointing import checkpoint_blocks
 
 # DeepSpeed 0.19's ZeRO calls torch's old collective names; torch warns on every rank at the first step. Harmless.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
@@ -143,6 +144,8 @@ class Engine:
         scaler_settings = self.config.pop(AMP_SCALER_KEY, {})  # ours, not DeepSpeed's
         if load_universal:  # a checkpoint saved with another world size, converted by reshard.py
             self.config["checkpoint"] = {**self.config.get("checkpoint", {}), "load_universal": True}
+        if cfg.engine.activation_checkpointing:  # before compiling: the compiled blocks then checkpoint
+            checkpoint_blocks(net)
         if compile_enabled(cfg.engine.compile):
             compile_blocks(net)
         params = [p for p in net.parameters() if p.requires_grad]
@@ -284,7 +287,7 @@ class Engine:
             torch.cuda.empty_cache()
 
 
-def compile_blocks(net: torch.nn.Module) -> None:
+def compile_blocks(net: torch.nn.Module, backend: str = "inductor") -> None:
     """torch.compile each transformer block in place ("regional" compilation): blocks of one width share one
     compiled graph, so a 28-block trunk compiles about as fast as one block, and the state-dict keys stay as they
     are (no `_orig_mod.` prefix). A new kept-token count (a mask-ratio schedule) recompiles once, after which
@@ -294,7 +297,7 @@ def compile_blocks(net: torch.nn.Module) -> None:
     if next(net.parameters()).device.type == "cpu":
         avoid_inductor_avx2_vectorization()
     for block in trunk_blocks(net):
-        block.compile()
+        block.compile(backend=backend)
 
 
 def avoid_inductor_avx2_vectorization() -> None:

@@ -25,7 +25,8 @@ from ..data import ResumableLoader, build_dataset, teacher_input, to_model_input
 from ..diffusion import MaskedEDMLoss, mask_ratio_at
 from ..errors import EXIT_PREEMPTED, TrainingError
 from ..hardware import DTYPES, device_peak_tflops, sampling_precision
-from ..model import Masker, build_denoiser, gemm_shapes, get_size, kept_tokens, token_grid, train_flops
+from ..model import (Masker, build_denoiser, gemm_shapes, get_size, kept_tokens, materialise, token_grid,
+                     train_flops)
 from ..model.align import PREFIX as DENOISER_PREFIX
 from ..model.align import AlignedDenoiser, denoiser_of
 from ..model.teacher import Teacher, load_teacher
@@ -110,12 +111,16 @@ def build_teacher(cfg: Config) -> Teacher:
     return teacher
 
 
-def build_module(cfg: Config, teacher: Teacher | None) -> torch.nn.Module:
-    """What the engine trains: the denoiser, plus REPA's projector when the run aligns."""
-    net = build_denoiser(cfg.model)
-    if teacher is None:
-        return net
-    return AlignedDenoiser(net, cfg.loss.align_depth, cfg.loss.align_proj_dim, teacher.dim)
+def build_module(cfg: Config, teacher: Teacher | None, device=None) -> torch.nn.Module:
+    """What the engine trains: the denoiser, plus REPA's projector when the run aligns, built on the meta device
+    and initialised on `device` (default: this rank's; no CPU init of a large model, and on the CPU the weights
+    of a plain build), or left on meta (device "meta") for weights that will be assigned."""
+    device = dist.device() if device is None else device
+    with torch.device("meta"):
+        net = build_denoiser(cfg.model, device="meta")
+        if teacher is not None:
+            net = AlignedDenoiser(net, cfg.loss.align_depth, cfg.loss.align_proj_dim, teacher.dim)
+    return net if torch.device(device).type == "meta" else materialise(net, device)
 
 
 def build_monitors(cfg: Config) -> dict:
@@ -173,9 +178,8 @@ def hand_over(stage: StageRun, teacher: Teacher | None) -> tuple[torch.nn.Module
     """The fp32 masters in a fresh network for the next stage's engine, and the data position."""
     weights = stage.engine.full_fp32_state()
     stage.engine.release()
-    with torch.random.fork_rng(devices=[]):  # its random init is overwritten; a resume at this boundary
-        net = build_module(stage.cfg, teacher)  # skips it, so it must not move the RNG
-    net.load_state_dict(weights)
+    net = build_module(stage.cfg, teacher, "meta")  # no random init: a resume at this boundary skips it, so
+    net.load_state_dict(weights, assign=True)  # it must not move the RNG
     return net, stage.loader.state_dict()
 
 

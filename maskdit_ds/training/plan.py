@@ -9,7 +9,7 @@ import yaml
 
 from .. import dist
 from ..config import Config, Stage, aligns, expand_stages, grad_accum, resolve_auto, validate
-from ..errors import RunDirBusy
+from ..errors import ConfigError, RunDirBusy
 from ..hardware import describe_mode, half_precision_warning
 from ..model import build_denoiser, get_size, kept_tokens, position_tables, token_grid, train_flops
 from .engine import build_ds_config
@@ -44,11 +44,19 @@ def describe(cfg: Config, world: int) -> str:
     return "\n".join(lines)
 
 
-def dry_run(cfg: Config, world: int) -> int:
-    """Validate and print the config and the final DeepSpeed configs; start nothing."""
+def dry_run(cfg: Config, world: int, device_memory: str | None = None) -> int:
+    """Validate and print the config, the final DeepSpeed configs and the memory plan per device (against
+    device_memory, e.g. "80GB", or this machine's GPU); start nothing."""
+    from .memory_plan import describe_plan, local_device_memory, parse_memory
+
     cfg, notes = resolve_auto(cfg)
     warnings = validate(cfg, world, check_paths=False)
+    try:
+        memory = parse_memory(device_memory) if device_memory else local_device_memory()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     print(describe(cfg, world), flush=True)
+    print(describe_plan(cfg, world, memory)[0], flush=True)
     for note in notes:
         print(f"precision: {note}", flush=True)
     for warning in warnings:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import torch
@@ -171,12 +172,20 @@ def final_samples(cfg: Config, ema, logger: RunLogger, state=None) -> None:
     gcfg = run_generate_config(cfg, batch_size=128)
     vae = run_vae(gcfg.vae, gcfg.sampler.precision)
     pixels, labels = sample_pixels(ema, seeds, None, shape, gcfg, dist.device(), vae, progress=dist.is_main())
-    parts = dist.gather_to_main((seeds, pixels, labels))  # pixels go to rank 0 only
+    parts = cfg.run_dir / "samples_parts"  # pixels reach rank 0 through files: no gather holds them on one GPU
+    part = parts / f"rank{dist.rank():05d}.npz"
+    part.parent.mkdir(parents=True, exist_ok=True)
+    with io.atomic_path(part) as tmp, open(tmp, "wb") as f:
+        np.savez(f, seeds=np.asarray(seeds, dtype=np.int64), pixels=pixels, labels=labels)
+    dist.long_barrier()  # ranks finish sampling at different times
     if not dist.is_main():
         return
-    order = np.argsort(np.concatenate([p[0] for p in parts]))
-    pixels = np.concatenate([p[1] for p in parts])[order]
-    classes = np.concatenate([p[2] for p in parts])[order]
+    files = [parts / f"rank{r:05d}.npz" for r in range(dist.world_size())]
+    loaded = [dict(np.load(f)) for f in files]
+    order = np.argsort(np.concatenate([p["seeds"] for p in loaded]))
+    pixels = np.concatenate([p["pixels"] for p in loaded])[order]
+    classes = np.concatenate([p["labels"] for p in loaded])[order]
+    shutil.rmtree(parts, ignore_errors=True)
     io.atomic_save_npz(cfg.run_dir / "samples.npz", arr_0=pixels, arr_1=classes)
     from PIL import Image
 

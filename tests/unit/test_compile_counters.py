@@ -1,0 +1,33 @@
+"""engine.compile's regional compilation, counted by torch._dynamo: no graph break in any block, and at most one
+compile of a block graph per distinct kept-token count across the masked and the unmasked phase (so a GPU
+check's compiled phase has a bounded compile time). The aot_eager backend traces forward and backward like
+inductor without generating kernels, which only the GPU check times."""
+import torch
+from torch._dynamo.utils import counters
+
+from maskdit_ds.config import ModelConfig
+from maskdit_ds.diffusion import MaskedEDMLoss
+from maskdit_ds.model import Masker, build_denoiser, kept_tokens
+from maskdit_ds.training.engine import compile_blocks
+
+
+def test_trunk_compiles_once_per_kept_token_count_without_graph_breaks():
+    torch._dynamo.reset()
+    cfg = ModelConfig(name="MaskDiT-T/2", input_size=8, in_channels=4, num_classes=10)
+    torch.manual_seed(0)
+    net = build_denoiser(cfg)
+    compile_blocks(net, backend="aot_eager")
+    loss_fn = MaskedEDMLoss(2, 10)
+    counters.clear()
+    graphs = []
+    for ratio in (0.5, 0.5, 0.0, 0.0):  # masked phase, then the unmasked phase (its own engine: same blocks)
+        x, y = torch.randn(4, 4, 8, 8), torch.randint(0, 10, (4,))
+        loss, _ = loss_fn(net, x, y, Masker("random", 4, ratio))
+        loss.mean().backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert dict(counters["graph_break"]) == {}
+    kept = {kept_tokens("random", 4, r) for r in (0.5, 0.0)}
+    # the encoder width once per kept-token count, the decoder width (always every token) once
+    assert graphs[0] == 2 and graphs[-1] <= len(kept) + 1
+    assert graphs[1] == graphs[0] and graphs[3] == graphs[2]  # a repeated count compiles nothing
+    torch._dynamo.reset()
