@@ -1,0 +1,204 @@
+"""N hosts on one machine: a Linux network namespace per host, joined by a bridge, for the multi-node tests and
+`bash tools/local_cluster.sh up N`.
+
+Host i gets the namespace <prefix>-h<i>, an `eth0` (one end of a veth pair whose other end is on the bridge), the
+address <subnet>.(10+i), its own host name (a UTS namespace per command: `hostname` prints it, gloo and SLURM
+resolve it) and an /etc/hosts that names every host (/etc/netns/<ns>/hosts bind-mounted over /etc/hosts in a
+mount namespace of its own). The filesystem is the machine's: every host sees the same run directory (shared
+storage), and a Unix socket such as munged's is reachable from every host. The root namespace has <subnet>.1 on the bridge, which
+is where slurmctld listens.
+
+Only addresses of the namespaces made here are used; `down()` removes every namespace, link and hosts file made
+here and kills what still runs inside the namespaces.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+NETNS_ETC = Path("/etc/netns")
+NETNS_RUN = Path("/run/netns")  # `ip netns add` makes it a mount point the first time
+
+
+def _mounted(path: Path) -> bool:
+    return any(line.split()[4] == str(path) for line in Path("/proc/self/mountinfo").read_text().splitlines())
+
+
+class NamespacesUnavailable(RuntimeError):
+    """Network namespaces cannot be made here (not root, no `ip`); the tests skip with this message."""
+
+
+def _ip(*args, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and out.returncode != 0:
+        raise NamespacesUnavailable(f"ip {' '.join(args)} exited {out.returncode}: {out.stderr.strip()}")
+    return out
+
+
+def unavailable_reason() -> str | None:
+    """Why N hosts cannot be made on this machine (None: they can)."""
+    if os.geteuid() != 0:
+        return "network namespaces (ip netns add) need root; CI runs as root"
+    for tool in ("ip", "nsenter", "unshare", "mount", "hostname"):
+        if not shutil.which(tool):
+            return f"`{tool}` is not installed (iproute2 / util-linux)"
+    return None
+
+
+def free_subnet() -> str:
+    """A 10.x.y.0/24 that no interface or route here uses yet, picked at random so that two clusters can coexist."""
+    used = _ip("-4", "route", "show").stdout + _ip("-4", "addr", "show").stdout
+    for _ in range(200):
+        net = f"10.{secrets.randbelow(200) + 50}.{secrets.randbelow(250) + 1}"
+        if f"{net}." not in used:
+            return net
+    raise NamespacesUnavailable("no free 10.x.y.0/24 subnet found")
+
+
+@dataclass
+class Host:
+    name: str  # host name (the UTS name, SLURM's NodeName)
+    netns: str  # network namespace
+    ip: str
+    veth: str  # the root-namespace end of its link, on the bridge: `ip link set <veth> down` cuts the host off
+
+
+class Hosts:
+    """N hosts: `up()` makes them, `run()`/`popen()` run commands on one, `down()` removes everything."""
+
+    def __init__(self, n: int, prefix: str | None = None, subnet: str | None = None):
+        self.prefix = prefix or f"md{secrets.token_hex(2)}"  # short: interface names have 15 characters at most
+        self.subnet = subnet
+        self.bridge = f"{self.prefix}br"
+        self.hosts = [Host(f"node{i}", f"{self.prefix}-h{i}", "", f"{self.prefix}v{i}") for i in range(1, n + 1)]
+        self.made_run_mount = False  # /run/netns became a mount point because of us: unmount it when last out
+
+    @property
+    def gateway(self) -> str:
+        """The root namespace's address on the bridge."""
+        return f"{self.subnet}.1"
+
+    def __getitem__(self, i: int) -> Host:
+        return self.hosts[i]
+
+    def __len__(self) -> int:
+        return len(self.hosts)
+
+    # ------------------------------------------------------------ up / down
+    def up(self) -> "Hosts":
+        reason = unavailable_reason()
+        if reason:
+            raise NamespacesUnavailable(reason)
+        self.subnet = self.subnet or free_subnet()
+        self.made_run_mount = not _mounted(NETNS_RUN)
+        try:
+            _ip("link", "add", self.bridge, "type", "bridge")
+            _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+            _ip("link", "set", self.bridge, "up")
+            for i, host in enumerate(self.hosts, start=1):
+                host.ip = f"{self.subnet}.{10 + i}"
+                _ip("netns", "add", host.netns)
+                _ip("link", "add", host.veth, "type", "veth", "peer", "name", "eth0", "netns", host.netns)
+                _ip("link", "set", host.veth, "master", self.bridge, "up")
+                _ip("-n", host.netns, "addr", "add", f"{host.ip}/24", "dev", "eth0")
+                _ip("-n", host.netns, "link", "set", "eth0", "up")
+                _ip("-n", host.netns, "link", "set", "lo", "up")
+            self._write_hosts_files()
+        except Exception:
+            self.down()
+            raise
+        return self
+
+    def _write_hosts_files(self) -> None:
+        lines = ["127.0.0.1 localhost", f"{self.gateway} {self.prefix}-gw"]
+        lines += [f"{h.ip} {h.name}" for h in self.hosts]
+        for host in self.hosts:
+            folder = NETNS_ETC / host.netns
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "hosts").write_text("\n".join(lines) + "\n")
+
+    def down(self) -> list[str]:
+        """Kill what runs on the hosts, delete namespaces, links, bridge and hosts files. Returns what was left
+        (empty when everything is gone)."""
+        for host in self.hosts:
+            self.kill_all(host, signal.SIGKILL)
+        for host in self.hosts:
+            _ip("netns", "del", host.netns, check=False)
+            _ip("link", "del", host.veth, check=False)  # deleting the namespace frees it, sometimes only later
+            shutil.rmtree(NETNS_ETC / host.netns, ignore_errors=True)
+        _ip("link", "del", self.bridge, check=False)
+        try:
+            NETNS_ETC.rmdir()  # only if empty: someone else's namespaces keep theirs
+        except OSError:
+            pass
+        if self.made_run_mount and _mounted(NETNS_RUN) and not any(NETNS_RUN.iterdir()):
+            subprocess.run(["umount", str(NETNS_RUN)], capture_output=True, timeout=30)
+        deadline = time.monotonic() + 10
+        while self.leftovers() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return self.leftovers()
+
+    def leftovers(self) -> list[str]:
+        """Namespaces, links and hosts files of this cluster that still exist."""
+        names = set(_ip("netns", "list", check=False).stdout.split())
+        links = _ip("-o", "link", "show", check=False).stdout
+        left = [f"netns {h.netns}" for h in self.hosts if h.netns in names]
+        left += [f"link {n}" for n in [self.bridge, *(h.veth for h in self.hosts)] if f" {n}:" in links
+                 or f" {n}@" in links]
+        left += [f"file {NETNS_ETC / h.netns}" for h in self.hosts if (NETNS_ETC / h.netns).exists()]
+        if self.made_run_mount and _mounted(NETNS_RUN) and not any(NETNS_RUN.iterdir()):
+            left.append(f"mount {NETNS_RUN}")
+        return left
+
+    # ------------------------------------------------------------ commands on a host
+    def command(self, host: Host, cmd: list[str]) -> list[str]:
+        """`cmd` as it runs on `host`: in its network namespace, under its own host name."""
+        # Not `ip netns exec`: it remounts /sys for the namespace, which hides /sys/fs/cgroup from slurmd.
+        hosts_file = NETNS_ETC / host.netns / "hosts"
+        return ["nsenter", f"--net=/run/netns/{host.netns}", "unshare", "--mount", "--uts", "sh", "-c",
+                f'mount --bind {hosts_file} /etc/hosts && hostname {host.name} && exec "$@"', "sh", *map(str, cmd)]
+
+    def run(self, host: Host, cmd: list[str], timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(self.command(host, cmd), capture_output=True, text=True, timeout=timeout, **kwargs)
+
+    def popen(self, host: Host, cmd: list[str], **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(self.command(host, cmd), **kwargs)
+
+    def pids(self, host: Host) -> list[int]:
+        """Every process in the host's network namespace."""
+        out = _ip("netns", "pids", host.netns, check=False).stdout.split()
+        return [int(p) for p in out if p.isdigit()]
+
+    def kill_all(self, host: Host, sig=signal.SIGKILL) -> list[int]:
+        """What a node crash does to its processes: every one in the namespace gets `sig`."""
+        killed = []
+        for pid in self.pids(host):
+            try:
+                os.kill(pid, sig)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+        return killed
+
+    def set_link(self, host: Host, up: bool) -> None:
+        """Cable pulled (up=False) or plugged back in: the host's packets stop at the bridge; no RST is sent."""
+        _ip("link", "set", host.veth, "up" if up else "down")
+
+    # ------------------------------------------------------------ state file (tools/local_cluster.sh)
+    def to_dict(self) -> dict:
+        return {"prefix": self.prefix, "subnet": self.subnet, "made_run_mount": self.made_run_mount,
+                "hosts": [asdict(h) for h in self.hosts]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Hosts":
+        hosts = cls(len(d["hosts"]), d["prefix"], d["subnet"])
+        hosts.hosts, hosts.made_run_mount = [Host(**h) for h in d["hosts"]], d["made_run_mount"]
+        return hosts
