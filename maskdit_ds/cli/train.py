@@ -1,14 +1,15 @@
 """`python -m maskdit_ds train --config <preset|yaml> [section.key=value ...] [--dry-run]`: train or resume a run.
 
-Exit codes (errors.py): 0 done, 2 could not start, 3 diverged, 4 storage error, 75 stopped after saving."""
+Exit codes (errors.py): 0 done, 2 could not start, 3 diverged, 4 storage error, 5 a rank or host was lost (or never
+joined), 75 stopped after saving."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
-from ..errors import (EXIT_CONFIG, EXIT_DIVERGED, EXIT_STORAGE, ConfigError, RunDirBusy, StorageError,
-                     TrainingError)
+from ..errors import (EXIT_CONFIG, EXIT_DIVERGED, EXIT_PEER_LOST, EXIT_STORAGE, ConfigError, PeerLost, RunDirBusy,
+                     StorageError, TrainingError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
 # Refusals print one line (prefix: message) and exit with the code that tells a job script what happened.
 REFUSALS = ((ConfigError, "config error", EXIT_CONFIG), (RunDirBusy, "error", EXIT_CONFIG),
-            (TrainingError, "training stopped", EXIT_DIVERGED), (StorageError, "storage error", EXIT_STORAGE))
+            (TrainingError, "training stopped", EXIT_DIVERGED), (StorageError, "storage error", EXIT_STORAGE),
+            (PeerLost, "distributed error", EXIT_PEER_LOST))
 
 
 def main(argv=None) -> int:

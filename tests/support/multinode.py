@@ -71,6 +71,17 @@ class Host:
     veth: str  # the root-namespace end of its link, on the bridge: `ip link set <veth> down` cuts the host off
 
 
+@dataclass
+class Rank:
+    rank: int
+    host: Host
+    proc: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
 class Hosts:
     """N hosts: `up()` makes them, `run()`/`popen()` run commands on one, `down()` removes everything."""
 
@@ -159,18 +170,39 @@ class Hosts:
         return left
 
     # ------------------------------------------------------------ commands on a host
-    def command(self, host: Host, cmd: list[str]) -> list[str]:
-        """`cmd` as it runs on `host`: in its network namespace, under its own host name."""
+    def command(self, host: Host, cmd: list[str], private_dirs=()) -> list[str]:
+        """`cmd` as it runs on `host`: in its network namespace, under its own host name. Each of private_dirs
+        gets an empty tmpfs over it that only this command sees: a disk the other hosts do not share."""
         # Not `ip netns exec`: it remounts /sys for the namespace, which hides /sys/fs/cgroup from slurmd.
         hosts_file = NETNS_ETC / host.netns / "hosts"
+        mounts = "".join(f"mount -t tmpfs tmpfs {d} && " for d in private_dirs)
         return ["nsenter", f"--net=/run/netns/{host.netns}", "unshare", "--mount", "--uts", "sh", "-c",
-                f'mount --bind {hosts_file} /etc/hosts && hostname {host.name} && exec "$@"', "sh", *map(str, cmd)]
+                f'mount --bind {hosts_file} /etc/hosts && {mounts}hostname {host.name} && exec "$@"', "sh",
+                *map(str, cmd)]
 
     def run(self, host: Host, cmd: list[str], timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(host, cmd), capture_output=True, text=True, timeout=timeout, **kwargs)
 
-    def popen(self, host: Host, cmd: list[str], **kwargs) -> subprocess.Popen:
-        return subprocess.Popen(self.command(host, cmd), **kwargs)
+    def popen(self, host: Host, cmd: list[str], private_dirs=(), **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(self.command(host, cmd, private_dirs), **kwargs)
+
+    def start_ranks(self, per_host: int, argv: list[str], env: dict, logs: Path, master_port: int,
+                    master_addr: str | None = None, private_dirs: dict | None = None) -> list["Rank"]:
+        """What a launcher does on every host: per_host ranks on each host (global rank = host index x per_host
+        + local rank), RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set; each rank's output in
+        logs/rank<r>.log. private_dirs: {host name: [dirs]} that host sees on a disk of its own."""
+        world, ranks = per_host * len(self.hosts), []
+        for h, host in enumerate(self.hosts):
+            for local in range(per_host):
+                r = h * per_host + local
+                rank_env = {**env, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local),
+                            "MASTER_ADDR": master_addr or self.hosts[0].name, "MASTER_PORT": str(master_port)}
+                log = Path(logs) / f"rank{r}.log"
+                with open(log, "w") as out:
+                    proc = self.popen(host, argv, (private_dirs or {}).get(host.name, ()), env=rank_env,
+                                      stdout=out, stderr=subprocess.STDOUT)
+                ranks.append(Rank(r, host, proc, log))
+        return ranks
 
     def pids(self, host: Host) -> list[int]:
         """Every process in the host's network namespace."""
