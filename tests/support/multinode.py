@@ -13,8 +13,6 @@ here and kills what still runs inside the namespaces.
 """
 from __future__ import annotations
 
-import ipaddress
-import json
 import os
 import secrets
 import shutil

@@ -1,13 +1,17 @@
 """A throwaway one-node SLURM cluster on localhost (munged, slurmctld, slurmd; state in a temp dir) for the template tests."""
 
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+import pytest
 
 from maskdit_ds.dist import free_port
 
@@ -254,3 +258,40 @@ def start_cluster(hosts=None):
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
         return None, f"{err}\n{logs}"
+
+
+# ---------------------------------------------------------------- jobs of the tests
+
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def job_env(out_dir: Path, run_name: str) -> dict:
+    """The submit environment (sbatch copies it into the job and into a requeued job): the template's knobs."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in drop}
+    venv = sys.prefix if sys.prefix != sys.base_prefix else ""  # its bin/ first on PATH: DeepSpeed's JIT ninja
+    env.update(CONFIG="digits", OUT_DIR=str(out_dir), RUN_NAME=run_name, VENV=venv, PYTHON=sys.executable,
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def job_log(logs: Path, job: int) -> str:
+    files = sorted(logs.glob(f"*-{job}.out"))
+    return files[0].read_text(errors="replace") if files else f"(no log for job {job} in {logs})"
+
+
+def wait_until_ended(cluster, job: int, logs: Path, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = cluster.job(job)
+        if info.get("JobState") in ENDED:
+            return info
+        time.sleep(1)
+    cluster.scancel(job)
+    pytest.fail(f"job {job} did not end in {timeout:.0f} s: {cluster.job(job)}\n{job_log(logs, job)[-4000:]}")
+
+
+def stats_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "stats.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []

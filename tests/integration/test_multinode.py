@@ -1,0 +1,245 @@
+"""Several real hosts on one machine (network namespaces joined by a bridge, tests/support/multinode.py): the
+SLURM templates on 2 hosts x 2 tasks against one host with 4 ranks, a run directory the hosts do not share, a
+master that is missing or listens elsewhere, and a host that dies or drops off the network mid-run.
+
+Root only (network namespaces); elsewhere every test skips with the reason. Tiny model, fp32, gloo.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import launch
+from multinode import Hosts, unavailable_reason
+from slurm_helpers import ENDED, job_env, job_log, start_cluster, stats_steps, wait_until_ended
+from maskdit_ds.training.checkpoint import check_tag, list_tags
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 5  # dist.timeout_s of the failure tests: what a survivor waits before it gives up
+TRAIN = [sys.executable, "-m", "maskdit_ds", "train", "--config", "digits", *launch.TINY]
+
+
+def need_namespaces() -> None:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    need_namespaces()
+    made = Hosts(2).up()
+    try:
+        yield made
+    finally:
+        left = made.down()
+        assert not left, f"left behind: {left}"
+
+
+def rank_env() -> dict:
+    return launch.env(PYTHONPATH=str(ROOT))
+
+
+def wait_all(ranks, timeout: float) -> float:
+    """Seconds until every rank ended; kills them and fails after `timeout`."""
+    start = time.monotonic()
+    for r in ranks:
+        try:
+            r.proc.wait(timeout=max(1.0, timeout - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            for other in ranks:
+                other.proc.kill()
+            pytest.fail(f"rank {r.rank} on {r.host.name} still runs after {timeout} s:\n{r.output()[-3000:]}")
+    return time.monotonic() - start
+
+
+# ---------------------------------------------------------------- the cluster itself
+
+
+def test_multinode_cluster_up_and_down_leaves_nothing(tmp_path):
+    """2 hosts + munged + slurmctld + 2 slurmd: up in under 30 s, every host resolves every other and runs srun
+    tasks under its own name; down removes every namespace, link, hosts file and daemon."""
+    need_namespaces()
+    started = time.monotonic()
+    made = Hosts(2).up()
+    cluster = None
+    try:
+        cluster, reason = start_cluster(made)
+        if cluster is None:
+            pytest.skip(f"SLURM could not be started: {reason}")
+        up_s = time.monotonic() - started
+        assert up_s < 30, f"the cluster took {up_s:.1f} s to come up"
+        out = subprocess.run(["srun", "--nodes=2", "--ntasks=4", "sh", "-c",
+                              'echo "$SLURM_PROCID $(hostname) $(getent hosts node1 | cut -d" " -f1)"'],
+                             env=cluster.env, capture_output=True, text=True, timeout=60)
+        lines = sorted(out.stdout.split("\n")[:-1])
+        assert lines == [f"0 node1 {made[0].ip}", f"1 node1 {made[0].ip}", f"2 node2 {made[0].ip}",
+                         f"3 node2 {made[0].ip}"], out.stderr
+        pids = dict(cluster.pids)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+            shutil.rmtree(cluster.root, ignore_errors=True)
+        left = made.down()
+    assert left == []
+    assert all(not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+               for pid in pids.values()), pids
+
+
+# ---------------------------------------------------------------- SLURM: 2 hosts x 2 tasks
+
+
+@pytest.fixture(scope="module")
+def slurm(hosts):
+    cluster, reason = start_cluster(hosts)
+    if cluster is None:
+        pytest.skip(f"SLURM could not be started: {reason}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(s["step"], s["loss"]) for s in launch.stats(run_dir)]
+
+
+def test_multinode_slurm_2x2_requeue_matches_one_host_4_ranks(slurm, tmp_path):
+    """sbatch slurm/train_256.sh on 2 hosts x 2 tasks: USR1 mid-run -> checkpoint, exit 75, requeue, resume; the
+    logged losses equal, bitwise, those of one host running 4 ranks uninterrupted (same global batch: 4 ranks x
+    micro-batch 4). The same ranks do the same arithmetic, only the wires between them differ."""
+    steps = 30
+    args = ["train.micro_batch=4", "train.global_batch=16", f"train.steps={steps}", "train.ckpt_every=1000"]
+    reference = launch.train(tmp_path, "one_host", args, ranks=4)
+    assert reference.returncode == 0, reference.stdout[-3000:]
+
+    out, logs = tmp_path / "runs", tmp_path / "logs"
+    logs.mkdir()
+    job = slurm.sbatch(["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=30",
+                        f"--output={logs}/%x-%j.out", "slurm/train_256.sh", *launch.TINY, *args],
+                       env=job_env(out, "two_hosts"), cwd=ROOT)
+    run = out / "two_hosts"
+    deadline = time.monotonic() + 240
+    while len(stats_steps(run)) < 2:
+        assert time.monotonic() < deadline and slurm.job(job).get("JobState") not in ENDED, job_log(logs, job)
+        time.sleep(0.2)
+    slurm.scancel("--signal=USR1", job)  # what --signal=USR1@600 does before the time limit
+    info = wait_until_ended(slurm, job, logs, timeout=400)
+    log = job_log(logs, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{log[-4000:]}"
+    assert "nodes=node[1-2] tasks=4" in log, log[-3000:]
+    stopped = int(re.search(r"\[stop\] received SIGUSR1: saved step (\d+), exiting 75", log).group(1))
+    assert 2 <= stopped < steps, f"the run ended before the signal arrived; raise `steps`\n{log[-3000:]}"
+    assert f"[resume] from {run / 'checkpoints' / f'step_{stopped:07d}'}" in log
+    assert all(check_tag(run / "checkpoints" / t) is None for t in list_tags(run / "checkpoints"))
+    assert losses(run) == losses(tmp_path / "one_host")  # bitwise: floats compared with ==
+    assert [s for s, _ in losses(run)] == list(range(1, steps + 1))
+
+
+# ---------------------------------------------------------------- start-up checks
+
+
+def test_multinode_run_dir_not_shared_is_refused(hosts, tmp_path):
+    """node2 sees an empty disk of its own where node1 has the run directory: both ranks refuse to start."""
+    argv = [*TRAIN, f"run.out_dir={tmp_path}", "run.name=r", "train.steps=2"]
+    ranks = hosts.start_ranks(1, argv, rank_env(), tmp_path, launch.free_port(),
+                              private_dirs={"node2": [str(tmp_path)]})
+    wait_all(ranks, 180)
+    for r in ranks:
+        assert r.proc.returncode == 2, r.output()[-3000:]
+        assert (f"config error: run.out_dir: {tmp_path / 'r'} is not shared storage: host node2 (rank 1) does not "
+                "see the file rank 0 on node1 wrote there") in r.output(), r.output()[-3000:]
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_multinode_missing_master_and_wrong_port_end_within_the_timeout(hosts, tmp_path):
+    """Rank 1 alone (no master): it gives up after dist.timeout_s. Then both ranks, rank 1 on another
+    MASTER_PORT: rank 1 cannot join, rank 0 waits for it in vain; both name the problem."""
+    argv = [*TRAIN, f"run.out_dir={tmp_path}", "run.name=r", "train.steps=2", f"dist.timeout_s={TIMEOUT_S}"]
+    port = launch.free_port()
+
+    def start(rank: int, master_port: int) -> subprocess.Popen:
+        env = {**rank_env(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "node1",
+               "MASTER_PORT": str(master_port)}
+        return hosts.popen(hosts[rank], argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    alone = start(1, port)
+    out = alone.communicate(timeout=180)[0]
+    assert alone.returncode == 5, out[-3000:]
+    assert (f"distributed error: rank 1 of 2 on node2: could not join rank 0's rendezvous at node1:{port} within "
+            f"{TIMEOUT_S} s (dist.timeout_s)") in out, out[-3000:]
+
+    master, elsewhere = start(0, port), start(1, port + 1)
+    outs = [proc.communicate(timeout=180)[0] for proc in (master, elsewhere)]
+    assert [master.returncode, elsewhere.returncode] == [5, 5], [o[-2000:] for o in outs]
+    assert (f"rank 0 of 2 on node1: not all 2 ranks joined within {TIMEOUT_S} s (dist.timeout_s) at "
+            f"node1:{port}") in outs[0], outs[0][-3000:]
+    assert f"could not join rank 0's rendezvous at node1:{port + 1}" in outs[1], outs[1][-3000:]
+
+
+# ---------------------------------------------------------------- losing a host mid-run
+
+
+def lose_host(hosts, tmp_path, how: str):
+    """Train on node1 + node2 (1 rank each), checkpoint every 3 steps; at step >= 5 `how` ends node2: every
+    process killed, or its link cut. Returns (seconds until the survivor exited, survivor, run dir)."""
+    run = tmp_path / how
+    argv = [*TRAIN, f"run.out_dir={tmp_path}", f"run.name={how}", "train.steps=400", "train.ckpt_every=3",
+            f"dist.timeout_s={TIMEOUT_S}"]
+    ranks = hosts.start_ranks(1, argv, rank_env(), tmp_path / f"{how}_", launch.free_port())
+    deadline = time.monotonic() + 240
+    while not any(s["step"] >= 5 for s in launch.stats(run)):
+        assert time.monotonic() < deadline and ranks[0].proc.poll() is None, ranks[0].output()[-3000:]
+        time.sleep(0.05)
+    lost_at = time.monotonic()
+    if how == "kill":
+        hosts.kill_all(hosts[1])
+    else:
+        hosts.set_link(hosts[1], up=False)
+    try:
+        ranks[0].proc.wait(timeout=120)
+        exit_s = time.monotonic() - lost_at
+        wait_all(ranks, 120)
+    finally:
+        hosts.set_link(hosts[1], up=True)
+    return exit_s, ranks, run
+
+
+@pytest.mark.parametrize("how", ["kill", "link_down"])
+def test_multinode_lost_host_ends_the_run_naming_it_then_it_resumes(hosts, tmp_path, how):
+    """The survivor exits 5 within dist.timeout_s (+ the heartbeat's few seconds) naming rank 1 on node2; a
+    relaunch on both hosts resumes from the last complete checkpoint and trains on."""
+    (tmp_path / f"{how}_").mkdir()
+    exit_s, ranks, run = lose_host(hosts, tmp_path, how)
+    survivor = ranks[0].output()
+    assert ranks[0].proc.returncode == 5, survivor[-3000:]
+    assert "distributed error: rank 0 on node1: lost rank 1 on node2" in survivor, survivor[-3000:]
+    # killed: the peer's sockets close at once, then 3 s of heartbeats decide; link down: dist.timeout_s of
+    # silence, checked every second. 15 s of slack for a loaded 2-core machine.
+    bound = (3 if how == "kill" else TIMEOUT_S + 1) + 15
+    assert exit_s < bound, f"survivor took {exit_s:.1f} s to exit\n{survivor[-2000:]}"
+    if how == "link_down":  # the cut-off host gives up too, naming the master it cannot reach
+        assert ranks[1].proc.returncode == 5
+        assert "rank 1 on node2: rank 0's store at node1:" in ranks[1].output(), ranks[1].output()[-2000:]
+    logged = max(s["step"] for s in launch.stats(run))
+    tags = list_tags(run / "checkpoints")
+    assert tags and all(check_tag(run / "checkpoints" / t) is None for t in tags), tags
+    last = int(tags[-1].split("_")[1])
+    print(f"[multinode] {how}: survivor exited {exit_s:.1f} s after the loss; logged step {logged}, last "
+          f"complete checkpoint {last}: {logged - last} steps lost", flush=True)
+
+    argv = [*TRAIN, f"run.out_dir={tmp_path}", f"run.name={how}", f"train.steps={last + 2}",
+            "train.ckpt_every=3", f"dist.timeout_s={TIMEOUT_S}"]
+    (tmp_path / "again").mkdir()
+    again = hosts.start_ranks(1, argv, rank_env(), tmp_path / "again", launch.free_port())
+    wait_all(again, 240)
+    assert [r.proc.returncode for r in again] == [0, 0], again[0].output()[-3000:]
+    assert f"[resume] from {run / 'checkpoints' / tags[-1]}" in again[0].output()
+    assert [s["step"] for s in launch.stats(run)][-2:] == [last + 1, last + 2]
