@@ -243,3 +243,35 @@ def test_multinode_lost_host_ends_the_run_naming_it_then_it_resumes(hosts, tmp_p
     assert [r.proc.returncode for r in again] == [0, 0], again[0].output()[-3000:]
     assert f"[resume] from {run / 'checkpoints' / tags[-1]}" in again[0].output()
     assert [s["step"] for s in launch.stats(run)][-2:] == [last + 1, last + 2]
+
+
+# ---------------------------------------------------------------- fewer hosts, and back
+
+
+def test_multinode_resume_on_fewer_hosts_and_back(hosts, tmp_path):
+    """4 ranks on 2 hosts; node2 gone for good: 2 ranks on node1 resume the same run (the world size differs, so
+    the checkpoint is resharded through DeepSpeed's universal format without being asked); then 4 ranks on both
+    hosts again. The data position carries over exactly: 32 samples consumed divide by 2 and by 4."""
+    run = tmp_path / "r"
+    base = [*TRAIN, f"run.out_dir={tmp_path}", "run.name=r", "train.micro_batch=4", "train.global_batch=16",
+            "train.ckpt_every=2"]
+
+    def phase(name: str, steps: int, on) -> str:
+        (tmp_path / name).mkdir()
+        ranks = hosts.start_ranks(2, [*base, f"train.steps={steps}"], rank_env(), tmp_path / name,
+                                  launch.free_port(), on=on)
+        wait_all(ranks, 300)
+        assert [r.proc.returncode for r in ranks] == [0] * len(ranks), ranks[0].output()[-3000:]
+        return ranks[0].output()
+
+    phase("four", 2, None)
+    two = phase("two", 4, [hosts[0]])
+    assert (f"[reshard] {run / 'checkpoints' / 'step_0000002'} (4 ranks) -> "
+            f"{run / 'checkpoints' / 'step_0000002' / 'universal'} for 2 ranks: step 2, 32 samples consumed this "
+            "epoch, new per-rank position 16 (0 samples will be seen again)") in two, two[-3000:]
+    four = phase("four_again", 6, None)
+    assert (f"[reshard] {run / 'checkpoints' / 'step_0000004'} (2 ranks) -> "
+            f"{run / 'checkpoints' / 'step_0000004' / 'universal'} for 4 ranks: step 4, 64 samples consumed this "
+            "epoch, new per-rank position 16 (0 samples will be seen again)") in four, four[-3000:]
+    assert [s["step"] for s in launch.stats(run)] == [1, 2, 3, 4, 5, 6]
+    assert [s["images_seen"] for s in launch.stats(run)] == [16 * i for i in range(1, 7)]

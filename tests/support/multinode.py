@@ -185,16 +185,18 @@ class Hosts:
         return subprocess.Popen(self.command(host, cmd, private_dirs), **kwargs)
 
     def start_ranks(self, per_host: int, argv: list[str], env: dict, logs: Path, master_port: int,
-                    master_addr: str | None = None, private_dirs: dict | None = None) -> list["Rank"]:
-        """What a launcher does on every host: per_host ranks on each host (global rank = host index x per_host
-        + local rank), RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set; each rank's output in
-        logs/rank<r>.log. private_dirs: {host name: [dirs]} that host sees on a disk of its own."""
-        world, ranks = per_host * len(self.hosts), []
-        for h, host in enumerate(self.hosts):
+                    on: list[Host] | None = None, private_dirs: dict | None = None) -> list["Rank"]:
+        """What a launcher does on every host (or those `on`): per_host ranks on each (global rank = host index x
+        per_host + local rank), RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR (the first host)/MASTER_PORT set; each
+        rank's output in logs/rank<r>.log. private_dirs: {host name: [dirs]} that host sees on a disk of its
+        own."""
+        used = on or self.hosts
+        world, ranks = per_host * len(used), []
+        for h, host in enumerate(used):
             for local in range(per_host):
                 r = h * per_host + local
                 rank_env = {**env, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local),
-                            "MASTER_ADDR": master_addr or self.hosts[0].name, "MASTER_PORT": str(master_port)}
+                            "MASTER_ADDR": used[0].name, "MASTER_PORT": str(master_port)}
                 log = Path(logs) / f"rank{r}.log"
                 with open(log, "w") as out:
                     proc = self.popen(host, argv, (private_dirs or {}).get(host.name, ()), env=rank_env,
