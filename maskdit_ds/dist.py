@@ -252,8 +252,8 @@ class joining:
 def watch_peers(timeout_s: float) -> None:
     """Collective, once the group is up: learn every rank's host and start this rank's watchdog."""
     global _hosts, _watchdog
-    if not initialized() or world_size() == 1:
-        return
+    if not initialized() or world_size() == 1 or not {"MASTER_ADDR", "MASTER_PORT"} <= set(os.environ):
+        return  # no store to beat into (a group made from a file or a custom init_method)
     _hosts = all_gather_objects(host())
     _watchdog = Watchdog(timeout_s)
 

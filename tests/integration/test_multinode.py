@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import launch
-from multinode import Hosts, unavailable_reason
+from multinode import Hosts, NamespacesUnavailable, Sshd, unavailable_reason
 from slurm_helpers import ENDED, job_env, job_log, start_cluster, stats_steps, wait_until_ended
 from maskdit_ds.training.checkpoint import check_tag, list_tags
 
@@ -111,15 +111,26 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(s["step"], s["loss"]) for s in launch.stats(run_dir)]
 
 
-def test_multinode_slurm_2x2_requeue_matches_one_host_4_ranks(slurm, tmp_path):
-    """sbatch slurm/train_256.sh on 2 hosts x 2 tasks: USR1 mid-run -> checkpoint, exit 75, requeue, resume; the
-    logged losses equal, bitwise, those of one host running 4 ranks uninterrupted (same global batch: 4 ranks x
-    micro-batch 4). The same ranks do the same arithmetic, only the wires between them differ."""
-    steps = 30
-    args = ["train.micro_batch=4", "train.global_batch=16", f"train.steps={steps}", "train.ckpt_every=1000"]
-    reference = launch.train(tmp_path, "one_host", args, ranks=4)
-    assert reference.returncode == 0, reference.stdout[-3000:]
+STEPS = 20
+# 4 ranks x micro-batch 4 = the global batch of 16, no accumulation: the same ranks doing the same arithmetic
+# whether they share one host or sit on two
+FOUR_RANKS = ["train.micro_batch=4", "train.global_batch=16", f"train.steps={STEPS}", "train.ckpt_every=1000"]
 
+
+@pytest.fixture(scope="module")
+def one_host_4_ranks(tmp_path_factory) -> list[tuple[int, float]]:
+    """(step, loss) of `deepspeed --num_gpus 4` on one host, uninterrupted: what the multi-host runs must equal."""
+    need_namespaces()
+    out = tmp_path_factory.mktemp("one_host")
+    reference = launch.train(out, "r", FOUR_RANKS, ranks=4)
+    assert reference.returncode == 0, reference.stdout[-3000:]
+    return losses(out / "r")
+
+
+def test_multinode_slurm_2x2_requeue_matches_one_host_4_ranks(slurm, one_host_4_ranks, tmp_path):
+    """sbatch slurm/train_256.sh on 2 hosts x 2 tasks: USR1 mid-run -> checkpoint, exit 75, requeue, resume; the
+    logged losses equal, bitwise, those of one host running 4 ranks uninterrupted."""
+    steps, args = STEPS, FOUR_RANKS
     out, logs = tmp_path / "runs", tmp_path / "logs"
     logs.mkdir()
     job = slurm.sbatch(["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=30",
@@ -139,8 +150,44 @@ def test_multinode_slurm_2x2_requeue_matches_one_host_4_ranks(slurm, tmp_path):
     assert 2 <= stopped < steps, f"the run ended before the signal arrived; raise `steps`\n{log[-3000:]}"
     assert f"[resume] from {run / 'checkpoints' / f'step_{stopped:07d}'}" in log
     assert all(check_tag(run / "checkpoints" / t) is None for t in list_tags(run / "checkpoints"))
-    assert losses(run) == losses(tmp_path / "one_host")  # bitwise: floats compared with ==
+    assert losses(run) == one_host_4_ranks  # bitwise: floats compared with ==
     assert [s for s, _ in losses(run)] == list(range(1, steps + 1))
+
+
+# ---------------------------------------------------------------- DeepSpeed's own launcher: hostfile + pdsh/ssh
+
+
+@pytest.fixture(scope="module")
+def sshd(hosts, tmp_path_factory):
+    try:
+        daemons = Sshd(hosts, tmp_path_factory.mktemp("ssh")).start()
+    except NamespacesUnavailable as err:
+        pytest.skip(str(err))
+    try:
+        yield daemons
+    finally:
+        daemons.stop()
+
+
+def test_multinode_deepspeed_hostfile_2x2_matches_one_host_4_ranks(hosts, sshd, one_host_4_ranks, tmp_path):
+    """`deepspeed --hostfile` on node1 (2 slots each on node1 and node2): the runner reaches both hosts through
+    pdsh and ssh (an sshd per host, a key made for the test) and starts DeepSpeed's per-node launcher there; the
+    environment travels in .deepspeed_env. The losses equal, bitwise, one host's 4 ranks."""
+    (tmp_path / "hostfile").write_text("node1 slots=2\nnode2 slots=2\n")
+    # the runner forwards NCCL*/PYTHON*/... variables itself; the rest goes in .deepspeed_env in its directory
+    (tmp_path / ".deepspeed_env").write_text("OMP_NUM_THREADS=1\nMKL_NUM_THREADS=1\nDS_ACCELERATOR=cpu\n"
+                                             "HF_HUB_OFFLINE=1\n")
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(tmp_path / "hostfile"),
+           "--master_addr", "node1", "--master_port", str(launch.free_port()), "--launcher", "pdsh",
+           "--no_ssh_check", "--module", "maskdit_ds", "train", "--config", "digits", *launch.TINY, *FOUR_RANKS,
+           f"run.out_dir={tmp_path}", "run.name=ds"]
+    # its own session: a Ctrl-C of pytest must not reach the runner, whose SIGINT handler runs `pkill -f python
+    # -u -m deepspeed.launcher.launch` through pdsh on every host (these hosts share the machine's processes)
+    proc = hosts.run(hosts[0], cmd, timeout=300, env={**rank_env(), **sshd.env}, cwd=tmp_path,
+                     start_new_session=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "global_rank_mapping=defaultdict(<class 'list'>, {'node1': [0, 1], 'node2': [2, 3]})" in proc.stdout + proc.stderr
+    assert losses(tmp_path / "ds") == one_host_4_ranks  # bitwise
 
 
 # ---------------------------------------------------------------- start-up checks

@@ -234,3 +234,99 @@ class Hosts:
         hosts = cls(len(d["hosts"]), d["prefix"], d["subnet"])
         hosts.hosts, hosts.made_run_mount = [Host(**h) for h in d["hosts"]], d["made_run_mount"]
         return hosts
+
+
+# ---------------------------------------------------------------- ssh between the hosts (DeepSpeed's pdsh launcher)
+
+
+def ensure_ssh_installed() -> None:
+    """apt-get install openssh-server and pdsh when missing (CI runs as root on Debian/Ubuntu)."""
+    if shutil.which("pdsh") and Path("/usr/sbin/sshd").exists() and shutil.which("ssh-keygen"):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise NamespacesUnavailable("openssh-server/pdsh are not installed and cannot be (needs root and apt-get)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-q"],
+                ["apt-get", "install", "-y", "-q", "--no-install-recommends", "openssh-server", "openssh-client",
+                 "pdsh"]):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        if out.returncode != 0:
+            raise NamespacesUnavailable(f"{' '.join(cmd)} exited {out.returncode}: {out.stderr.strip()[-500:]}")
+
+
+SSHD_CONFIG = """\
+Port 22
+HostKey {root}/host_key
+AuthorizedKeysFile {root}/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PidFile none
+"""
+
+
+class Sshd:
+    """An sshd on every host (port 22 of its namespace) that lets root in with one key generated here; `env`
+    makes pdsh's ssh use that key. All files under `root`; `stop()` ends the daemons."""
+
+    def __init__(self, hosts: Hosts, root: Path):
+        self.hosts, self.root = hosts, Path(root)
+        self.procs: list[subprocess.Popen] = []
+        self.made_privsep = False  # /run/sshd (sshd's privilege separation directory) made by us
+
+    @property
+    def key(self) -> Path:
+        return self.root / "id_ed25519"
+
+    def start(self) -> "Sshd":
+        ensure_ssh_installed()
+        self.root.mkdir(parents=True, exist_ok=True)
+        for name in ("host_key", "id_ed25519"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.root / name)],
+                           check=True, capture_output=True, timeout=30)
+        shutil.copy(self.root / "id_ed25519.pub", self.root / "authorized_keys")
+        (self.root / "sshd_config").write_text(SSHD_CONFIG.format(root=self.root))
+        privsep = Path("/run/sshd")
+        self.made_privsep = not privsep.exists()
+        privsep.mkdir(mode=0o755, exist_ok=True)
+        for host in self.hosts.hosts:
+            log = open(self.root / f"sshd-{host.name}.log", "w")
+            self.procs.append(self.hosts.popen(host, ["/usr/sbin/sshd", "-D", "-e", "-f", self.root / "sshd_config"],
+                                               stdout=log, stderr=subprocess.STDOUT))
+        for host in self.hosts.hosts:
+            self._wait_listening(host)
+        return self
+
+    def _wait_listening(self, host: Host, timeout: float = 20) -> None:
+        import socket
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((host.ip, 22), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise NamespacesUnavailable(f"sshd on {host.name} did not listen within {timeout} s: "
+                                    + (self.root / f"sshd-{host.name}.log").read_text()[-500:])
+
+    @property
+    def env(self) -> dict:
+        """For the process that runs pdsh (DeepSpeed's runner): ssh with our key, no host key prompts."""
+        return {"PDSH_SSH_ARGS_APPEND": f"-i {self.key} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+                                        "-o LogLevel=ERROR -o BatchMode=yes"}
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs = []
+        if self.made_privsep:
+            shutil.rmtree("/run/sshd", ignore_errors=True)
