@@ -240,7 +240,9 @@ class joining:
 
         me, world, cause = rank(), world_size(), str(err).strip().splitlines()[0]
         within = f"within {self.timeout_s:g} s (dist.timeout_s)"
-        if me == 0:
+        if "EADDRINUSE" in cause or "address already in use" in cause:
+            what = f"MASTER_PORT {os.environ.get('MASTER_PORT')} is already in use on this host: choose another one"
+        elif me == 0:
             what = (f"not all {world} ranks joined {within} at {rendezvous()}: a host was never started, or its "
                     "ranks use another MASTER_ADDR/MASTER_PORT")
         else:
