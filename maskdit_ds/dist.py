@@ -401,15 +401,15 @@ def check_shared_dir(folder) -> None:
 
     if not initialized() or world_size() == 1:
         return
-    path = Path(folder) / ".shared_storage_check"
     token = None
     if is_main():
         token = secrets.token_hex(16)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        Path(folder).mkdir(parents=True, exist_ok=True)
         from .io import atomic_write_text
 
-        atomic_write_text(path, token)
+        atomic_write_text(Path(folder) / f".shared-{token}", token)  # its own name: two launches never collide
     token = broadcast_from_main(token)
+    path = Path(folder) / f".shared-{token}"
     try:
         seen = path.read_text() == token
     except OSError:
