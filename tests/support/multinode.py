@@ -42,9 +42,14 @@ def _ip(*args, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def unavailable_reason() -> str | None:
-    """Why N hosts cannot be made on this machine (None: they can)."""
+    """Why N hosts cannot be made on this machine (None: they can). Installs iproute2 when `ip` is missing."""
     if os.geteuid() != 0:
         return "network namespaces (ip netns add) need root; CI runs as root"
+    if not shutil.which("ip") and shutil.which("apt-get"):
+        try:
+            _apt_install("iproute2")
+        except NamespacesUnavailable as err:
+            return str(err)
     for tool in ("ip", "nsenter", "unshare", "mount", "hostname"):
         if not shutil.which(tool):
             return f"`{tool}` is not installed (iproute2 / util-linux)"
@@ -245,10 +250,13 @@ def ensure_ssh_installed() -> None:
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         raise NamespacesUnavailable("openssh-server/pdsh are not installed and cannot be (needs root and apt-get)")
+    _apt_install("openssh-server", "openssh-client", "pdsh")
+
+
+def _apt_install(*packages: str) -> None:
+    """As slurm_helpers.ensure_installed does for SLURM: the Debian packages, from a bare CI machine."""
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-q"],
-                ["apt-get", "install", "-y", "-q", "--no-install-recommends", "openssh-server", "openssh-client",
-                 "pdsh"]):
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]):
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
         if out.returncode != 0:
             raise NamespacesUnavailable(f"{' '.join(cmd)} exited {out.returncode}: {out.stderr.strip()[-500:]}")
