@@ -130,11 +130,10 @@ def one_host_4_ranks(tmp_path_factory) -> list[tuple[int, float]]:
 def test_multinode_slurm_2x2_requeue_matches_one_host_4_ranks(slurm, one_host_4_ranks, tmp_path):
     """sbatch slurm/train_256.sh on 2 hosts x 2 tasks: USR1 mid-run -> checkpoint, exit 75, requeue, resume; the
     logged losses equal, bitwise, those of one host running 4 ranks uninterrupted."""
-    steps, args = STEPS, FOUR_RANKS
     out, logs = tmp_path / "runs", tmp_path / "logs"
     logs.mkdir()
     job = slurm.sbatch(["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=30",
-                        f"--output={logs}/%x-%j.out", "slurm/train_256.sh", *launch.TINY, *args],
+                        f"--output={logs}/%x-%j.out", "slurm/train_256.sh", *launch.TINY, *FOUR_RANKS],
                        env=job_env(out, "two_hosts"), cwd=ROOT)
     run = out / "two_hosts"
     deadline = time.monotonic() + 240
@@ -147,11 +146,11 @@ def test_multinode_slurm_2x2_requeue_matches_one_host_4_ranks(slurm, one_host_4_
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{log[-4000:]}"
     assert "nodes=node[1-2] tasks=4" in log, log[-3000:]
     stopped = int(re.search(r"\[stop\] received SIGUSR1: saved step (\d+), exiting 75", log).group(1))
-    assert 2 <= stopped < steps, f"the run ended before the signal arrived; raise `steps`\n{log[-3000:]}"
+    assert 2 <= stopped < STEPS, f"the run ended before the signal arrived; raise STEPS\n{log[-3000:]}"
     assert f"[resume] from {run / 'checkpoints' / f'step_{stopped:07d}'}" in log
     assert all(check_tag(run / "checkpoints" / t) is None for t in list_tags(run / "checkpoints"))
     assert losses(run) == one_host_4_ranks  # bitwise: floats compared with ==
-    assert [s for s, _ in losses(run)] == list(range(1, steps + 1))
+    assert [s for s, _ in losses(run)] == list(range(1, STEPS + 1))
 
 
 # ---------------------------------------------------------------- DeepSpeed's own launcher: hostfile + pdsh/ssh
