@@ -111,7 +111,7 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(s["step"], s["loss"]) for s in launch.stats(run_dir)]
 
 
-STEPS = 20
+STEPS = 60  # a step takes ~0.05 s here: the USR1 must arrive before the last one
 # 4 ranks x micro-batch 4 = the global batch of 16, no accumulation: the same ranks doing the same arithmetic
 # whether they share one host or sit on two
 FOUR_RANKS = ["train.micro_batch=4", "train.global_batch=16", f"train.steps={STEPS}", "train.ckpt_every=1000"]
