@@ -297,10 +297,11 @@ def test_multinode_lost_host_ends_the_run_naming_it_then_it_resumes(hosts, tmp_p
 def test_multinode_resume_on_fewer_hosts_and_back(hosts, tmp_path):
     """4 ranks on 2 hosts; node2 gone for good: 2 ranks on node1 resume the same run (the world size differs, so
     the checkpoint is resharded through DeepSpeed's universal format without being asked); then 4 ranks on both
-    hosts again. The data position carries over exactly: 32 samples consumed divide by 2 and by 4."""
+    hosts again. The data position carries over exactly (32 samples consumed divide by 2 and by 4), and the steps
+    on 2 ranks equal those of one host's 2-rank launch resuming the same checkpoint."""
     run = tmp_path / "r"
-    base = [*TRAIN, f"run.out_dir={tmp_path}", "run.name=r", "train.micro_batch=4", "train.global_batch=16",
-            "train.ckpt_every=2"]
+    batch = ["train.micro_batch=4", "train.global_batch=16", "train.ckpt_every=2"]
+    base = [*TRAIN, f"run.out_dir={tmp_path}", "run.name=r", *batch]
 
     def phase(name: str, steps: int, on) -> str:
         (tmp_path / name).mkdir()
@@ -311,10 +312,16 @@ def test_multinode_resume_on_fewer_hosts_and_back(hosts, tmp_path):
         return ranks[0].output()
 
     phase("four", 2, None)
+    shutil.copytree(run, tmp_path / "ref")  # the same run, to be resumed by one host's launcher below
     two = phase("two", 4, [hosts[0]])
     assert (f"[reshard] {run / 'checkpoints' / 'step_0000002'} (4 ranks) -> "
             f"{run / 'checkpoints' / 'step_0000002' / 'universal'} for 2 ranks: step 2, 32 samples consumed this "
             "epoch, new per-rank position 16 (0 samples will be seen again)") in two, two[-3000:]
+    # What the steps after the loss must be: a run that had 2 ranks from that checkpoint (`deepspeed --num_gpus 2`
+    # on one host). The same 2 ranks from the same resharded state: equal bitwise, not only within a tolerance.
+    reference = launch.train(tmp_path, "ref", [*batch, "train.steps=4"], ranks=2)
+    assert reference.returncode == 0, reference.stdout[-3000:]
+    assert losses(run)[2:] == losses(tmp_path / "ref")[2:] and len(losses(run)) == 4, reference.stdout[-5000:]
     four = phase("four_again", 6, None)
     assert (f"[reshard] {run / 'checkpoints' / 'step_0000004'} (2 ranks) -> "
             f"{run / 'checkpoints' / 'step_0000004' / 'universal'} for 4 ranks: step 4, 64 samples consumed this "
