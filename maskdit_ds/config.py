@@ -172,6 +172,11 @@ class MetricsConfig:
 
 
 @dataclass
+class DistConfig:
+    timeout_s: float = 0.0  # seconds a rank waits for the others (to join at start, in every collective) before it exits naming the missing ranks and hosts, for gloo and NCCL alike; 0: DeepSpeed's default (DEEPSPEED_TIMEOUT minutes, 10 unless set)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -184,6 +189,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -481,6 +487,7 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, _stage:
            f"engine.optimizer: {cfg.engine.optimizer!r} is not auto or one of {OPTIMIZERS.known()}")
     _check(cfg.engine.compile in ("auto", "true", "false"), f"engine.compile: {cfg.engine.compile!r} is not "
            "auto, true or false")
+    _check(cfg.dist.timeout_s >= 0, f"dist.timeout_s: {cfg.dist.timeout_s} must be >= 0 (0: DeepSpeed's default)")
     _check(t.micro_batch > 0 and t.global_batch > 0, "train.micro_batch and train.global_batch must be positive")
     per_step = t.micro_batch * world_size
     _check(t.global_batch % per_step == 0,

@@ -141,6 +141,7 @@ def close() -> None:
     destroyed and the references their makers keep are released: the last one gone joins gloo's threads."""
     import gc
 
+    stop_watching(join=True)
     gc.collect()
     destroy_process_group()
     while _releases:
@@ -237,3 +238,242 @@ def gather_to_main(obj) -> list | None:
     out = [None] * tdist.get_world_size() if is_main() else None
     tdist.gather_object(obj, out, dst=0)
     return out
+
+
+# ---------------------------------------------------------------- many hosts: joining, lost ranks
+#
+# A rank whose peer died learns it from a failed collective at once (its sockets close). A peer whose host dropped
+# off the network is not always noticed: gloo's timeout covers waits for data, but a send into a dead link can
+# block for good. So every rank runs a watchdog thread: it adds 1 to its own counter in the rendezvous store (in
+# rank 0's process, MASTER_ADDR:MASTER_PORT) every HEARTBEAT_S and reads everyone's; a counter that stands still
+# for the group's timeout, or a store that cannot be reached for that long, ends this rank with a line naming
+# the lost ranks and hosts (exit code 5), wherever its main thread is stuck.
+
+HEARTBEAT_S = 1.0
+ALIVE_KEY = "maskdit/alive/{}"
+_hosts: list[str] = []  # the host name of each rank, gathered once the group is up
+_watchdog = None
+
+
+def host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def rendezvous() -> str:
+    return f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+
+
+class joining:
+    """Around the backend's process-group start: a rendezvous that fails or times out (master missing or
+    unreachable, wrong MASTER_PORT, a host that never starts) becomes one PeerLost line saying which."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if err is None or not isinstance(err, tdist.DistError):
+            return False
+        from .errors import PeerLost
+
+        me, world, cause = rank(), world_size(), str(err).strip().splitlines()[0]
+        within = f"within {self.timeout_s:g} s (dist.timeout_s)"
+        if "EADDRINUSE" in cause or "address already in use" in cause:
+            what = f"MASTER_PORT {os.environ.get('MASTER_PORT')} is already in use on this host: choose another one"
+        elif me == 0:
+            what = (f"not all {world} ranks joined {within} at {rendezvous()}: a host was never started, or its "
+                    "ranks use another MASTER_ADDR/MASTER_PORT")
+        else:
+            what = (f"could not join rank 0's rendezvous at {rendezvous()} {within}: the master is not running, "
+                    "cannot be reached from this host, or listens on another MASTER_PORT")
+        raise PeerLost(f"rank {me} of {world} on {host()}: {what} ({cause})") from None
+
+
+def watch_peers(timeout_s: float) -> None:
+    """Collective, once the group is up: learn every rank's host and start this rank's watchdog."""
+    global _hosts, _watchdog
+    if not initialized() or world_size() == 1 or not {"MASTER_ADDR", "MASTER_PORT"} <= set(os.environ):
+        return  # no store to beat into (a group made from a file or a custom init_method)
+    _hosts = all_gather_objects(host())
+    _watchdog = Watchdog(timeout_s)
+
+
+def stop_watching(join: bool = False) -> None:
+    """Training is over on this rank: peers that end before it are no longer a failure. join: also wait for the
+    watchdog's threads and let go of its store client (close(): nothing may outlive the command)."""
+    global _watchdog
+    if _watchdog is None:
+        return
+    _watchdog.stop.set()
+    if join:
+        for thread in _watchdog.threads:
+            thread.join(timeout=2 * HEARTBEAT_S + _watchdog.timeout_s)  # a store call blocks at most timeout_s
+        _watchdog = None
+
+
+def _store(timeout_s: float):
+    """A client of the rendezvous store (the group's own store object is private to torch)."""
+    return tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+class Watchdog:
+    """This rank's heartbeat, and the check on everyone else's (see above). Two threads: one talks to the store
+    (a call into a dead link may block for good), the other judges what it last heard, and never blocks."""
+
+    def __init__(self, timeout_s: float):
+        import threading
+        import time
+
+        self.timeout_s, self.stop = timeout_s, threading.Event()
+        self.store = _store(timeout_s=min(timeout_s, 30))
+        self.keys = [ALIVE_KEY.format(r) for r in range(len(_hosts))]
+        now = time.monotonic()
+        self.counts, self.changed, self.store_ok = [None] * len(self.keys), [now] * len(self.keys), now
+        self.threads = [threading.Thread(target=self.beat, name="maskdit-heartbeat", daemon=True),
+                        threading.Thread(target=self.check, name="maskdit-watchdog", daemon=True)]
+        for thread in self.threads:
+            thread.start()
+
+    def beat(self) -> None:
+        import time
+
+        while not self.stop.wait(HEARTBEAT_S):
+            try:
+                self.store.add(self.keys[rank()], 1)
+                counts = [int(v) for v in self.store.multi_get(self.keys)]
+            except Exception:  # unreachable or gone: judged by check() from how long it has been
+                continue
+            now = time.monotonic()
+            for r, count in enumerate(counts):
+                if count != self.counts[r]:
+                    self.counts[r], self.changed[r] = count, now
+            self.store_ok = now
+
+    def check(self) -> None:
+        import time
+
+        while not self.stop.wait(HEARTBEAT_S):
+            now = time.monotonic()
+            if now - self.store_ok > self.timeout_s:
+                self.fail(store_unreachable(f"no answer for {now - self.store_ok:.0f} s, dist.timeout_s "
+                                            f"{self.timeout_s:g}"))
+            lost = [r for r in range(len(self.keys)) if now - self.changed[r] > self.timeout_s and r != rank()]
+            if lost:
+                self.fail(lost_message(lost, f"no heartbeat for {self.timeout_s:g} s (dist.timeout_s)"))
+
+    def fail(self, message: str) -> None:
+        """Exit from this thread: the main thread may be blocked in a collective that never returns."""
+        if self.stop.is_set():
+            return
+        from .errors import EXIT_PEER_LOST
+
+        print(f"\ndistributed error: {message}", file=__import__("sys").stderr, flush=True)  # after a progress bar
+        os._exit(EXIT_PEER_LOST)
+
+
+def lost_message(lost: list[int], evidence: str, cause: str = "") -> str:
+    by_host: dict[str, list[int]] = {}
+    for r in lost:
+        by_host.setdefault(_hosts[r], []).append(r)
+    names = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))} on {h}"
+                      for h, rs in by_host.items())
+    return (f"rank {rank()} on {host()}: lost {names} ({evidence}: the process died, the host went down or its "
+            f"network is cut); this rank stops too" + (f" ({cause})" if cause else ""))
+
+
+def store_unreachable(evidence: str, cause: str = "") -> str:
+    return (f"rank {rank()} on {host()}: rank 0's store at {rendezvous()} (host {_hosts[0]}) cannot be reached "
+            f"({evidence}): {_hosts[0]} is down or this host lost its network" + (f" ({cause})" if cause else ""))
+
+
+def lost_ranks(wait_s: float = 3 * HEARTBEAT_S) -> list[int] | None:
+    """The ranks whose heartbeat stood still for wait_s; None when the store cannot be reached."""
+    import time
+
+    try:
+        store = _store(timeout_s=5)
+        keys = [ALIVE_KEY.format(r) for r in range(len(_hosts))]
+        before = store.multi_get(keys)
+        time.sleep(wait_s)
+        after = store.multi_get(keys)
+    except Exception:
+        return None
+    return [r for r, (a, b) in enumerate(zip(before, after)) if a == b and r != rank()]
+
+
+def is_comm_failure(err: BaseException) -> bool:
+    """A collective that failed because a peer vanished (gloo raises plain RuntimeErrors, NCCL DistErrors)."""
+    text = str(err)
+    return isinstance(err, tdist.DistError) or (
+        type(err) is RuntimeError and any(s in text for s in ("gloo", "Connection closed by peer", "Timed out",
+                                                              "Connection reset", "NCCL")))
+
+
+class naming_lost_peers:
+    """Around training: a collective that failed because ranks are gone becomes one PeerLost line naming the
+    lost ranks and their hosts (at once, where the watchdog would wait for the timeout). Any other error passes
+    through unchanged. Leaving it, however, ends the watch."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if err is None or not _hosts or not is_comm_failure(err):
+            stop_watching()
+            return False
+        from .errors import PeerLost
+
+        lost = lost_ranks()
+        stop_watching()
+        cause = str(err).strip().splitlines()[0][:300]
+        if lost is None:
+            raise PeerLost(store_unreachable("after a collective failed", cause)) from err
+        if not lost:
+            return False  # every rank is alive: not a lost peer; the original error says what happened
+        raise PeerLost(lost_message(lost, f"no heartbeat for {3 * HEARTBEAT_S:g} s after a collective failed",
+                                    cause)) from err
+
+
+# ---------------------------------------------------------------- shared storage
+
+
+def check_shared_dir(folder) -> None:
+    """Collective: every rank must see the directory rank 0 sees (one run directory on shared storage). Rank 0
+    writes a fresh random token there; a rank that reads another token, or none, is on another disk."""
+    import secrets
+    from pathlib import Path
+
+    from .errors import ConfigError
+
+    if not initialized() or world_size() == 1:
+        return
+    token = None
+    if is_main():
+        token = secrets.token_hex(16)
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        from .io import atomic_write_text
+
+        atomic_write_text(Path(folder) / f".shared-{token}", token)  # its own name: two launches never collide
+    token = broadcast_from_main(token)
+    path = Path(folder) / f".shared-{token}"
+    try:
+        seen = path.read_text() == token
+    except OSError:
+        seen = False
+    report = all_gather_objects((host(), seen))
+    barrier()  # everyone has read it
+    if is_main():
+        path.unlink(missing_ok=True)
+    blind = sorted({h for h, ok in report if not ok})
+    if blind:
+        ranks = [r for r, (_, ok) in enumerate(report) if not ok]
+        many = len(blind) > 1
+        raise ConfigError(f"run.out_dir: {Path(folder)} is not shared storage: host{'s' if many else ''} "
+                          f"{', '.join(blind)} (rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}) "
+                          f"do{'' if many else 'es'} not see the file rank 0 on {report[0][0]} wrote there; every "
+                          f"rank must write one run directory, so put run.out_dir on a filesystem all hosts mount")

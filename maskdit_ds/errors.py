@@ -11,6 +11,7 @@ import errno
 EXIT_CONFIG = 2  # the run could not start: a config, an input file or the run directory is wrong
 EXIT_DIVERGED = 3  # training stopped: non-finite loss, fp16 overflow storm
 EXIT_STORAGE = 4  # a checkpoint, export, cache or output could not be written (disk full, quota, I/O error)
+EXIT_PEER_LOST = 5  # another rank or host of the job was lost, or the ranks could not all join at start
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on a stop request; the SLURM templates requeue on this code
 
 
@@ -37,6 +38,10 @@ class StorageError(RuntimeError):
 
 class ReshardError(RuntimeError):
     """A checkpoint tag cannot be resharded; the message says why."""
+
+
+class PeerLost(RuntimeError):
+    """A rank or host of the job is gone (crashed, unreachable) or never joined; the message names it."""
 
 
 # errno values that mean "the storage failed", not "the program asked for something wrong"
@@ -70,6 +75,7 @@ REFUSALS = (
     (ReshardError, "error", EXIT_CONFIG),
     (InputError, "error", EXIT_CONFIG),
     (is_storage_failure, "storage error", EXIT_STORAGE),
+    (PeerLost, "distributed error", EXIT_PEER_LOST),
     (FileNotFoundError, "error", EXIT_CONFIG),
     (ValueError, "error", EXIT_CONFIG),
 )

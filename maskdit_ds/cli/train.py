@@ -1,6 +1,7 @@
 """`python -m maskdit_ds train --config <preset|yaml> [section.key=value ...] [--dry-run]`: train or resume a run.
 
-Exit codes (errors.py): 0 done, 2 could not start, 3 diverged, 4 storage error, 75 stopped after saving."""
+Exit codes (errors.py): 0 done, 2 could not start, 3 diverged, 4 storage error, 5 a rank or host was lost (or never
+joined), 75 stopped after saving."""
 from __future__ import annotations
 
 import argparse

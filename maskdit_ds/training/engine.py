@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.constants import default_pg_timeout
 
 from .. import dist
 from ..config import Config, ds_config_path, grad_accum
@@ -31,13 +33,17 @@ RUN_CONFIG_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradie
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
-def init_distributed() -> None:
-    """gloo on CPU, nccl on GPU; srun tasks get RANK etc. from SLURM's variables."""
+def init_distributed(timeout_s: float | None = None) -> None:
+    """gloo on CPU, nccl on GPU; srun tasks get RANK etc. from SLURM's variables. timeout_s (dist.timeout_s)
+    bounds the rendezvous and every collective of the group (None: DeepSpeed's default, DEEPSPEED_TIMEOUT minutes)."""
     dist.env_from_slurm()
     dist.ensure_single_process_env()
     if dist.set_device().type == "cpu":
         skip_cpu_shm_op()
-    deepspeed.init_distributed(verbose=False)
+    timeout = default_pg_timeout if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    with dist.joining(timeout.total_seconds()):
+        deepspeed.init_distributed(verbose=False, timeout=timeout)
+    dist.watch_peers(timeout.total_seconds())
     dist.on_close(release_deepspeed_groups)
 
 

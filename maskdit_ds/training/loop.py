@@ -41,11 +41,13 @@ from .stats import DeviceClock, RunLogger, Throughput
 
 
 def train(cfg: Config) -> int:
-    init_distributed()
+    init_distributed(cfg.dist.timeout_s or None)
     cfg, stages = prepare(cfg, dist.world_size())
+    dist.check_shared_dir(cfg.run_dir)  # every host must write the same run directory
     lock = lock_run_dir(cfg)
     try:
-        return train_locked(cfg, stages)
+        with dist.naming_lost_peers():  # a rank or host gone mid-run: one line naming it, exit 5
+            return train_locked(cfg, stages)
     finally:
         lock.release()
 

@@ -2,7 +2,6 @@
 a run trains and checkpoints; a preemption signal makes it checkpoint, requeue itself and resume to the exact step."""
 from __future__ import annotations
 
-import json
 import re
 import os
 import shutil
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from repo import ROOT
-from slurm_helpers import free_port, start_cluster
+from slurm_helpers import ENDED, job_env, job_log, start_cluster, stats_steps, wait_until_ended
 from maskdit_ds.training.checkpoint import check_tag, list_tags
 
 # sbatch options on the command line override the templates' #SBATCH lines: 2 CPU tasks instead of 8 GPUs.
@@ -23,7 +22,6 @@ CPU = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node
 TINY = ["model.name=MaskDiT-T/2", "train.stages=[]", "train.micro_batch=8", "train.global_batch=16",
         "engine.precision=fp32", "sample.final_samples=0", "train.grid_every=0", "train.log_every=1",
         "data.num_workers=0", "model.input_size=16", "data.resolution=16"]
-ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
 @pytest.fixture(scope="module")
@@ -42,40 +40,8 @@ def cluster():
         shutil.rmtree(started.root, ignore_errors=True)
 
 
-def job_env(out_dir: Path, run_name: str) -> dict:
-    """The submit environment (sbatch copies it into the job and into a requeued job): the template's knobs."""
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in drop}
-    venv = sys.prefix if sys.prefix != sys.base_prefix else ""  # its bin/ first on PATH: DeepSpeed's JIT ninja
-    env.update(CONFIG="digits", OUT_DIR=str(out_dir), RUN_NAME=run_name, VENV=venv, PYTHON=sys.executable,
-               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return env
-
-
 def submit(cluster, template: str, logs: Path, env: dict, args: list) -> int:
     return cluster.sbatch([*CPU, f"--output={logs}/%x-%j.out", f"slurm/{template}", *args], env=env, cwd=ROOT)
-
-
-def job_log(logs: Path, job: int) -> str:
-    files = sorted(logs.glob(f"*-{job}.out"))
-    return files[0].read_text(errors="replace") if files else f"(no log for job {job} in {logs})"
-
-
-def wait_until_ended(cluster, job: int, logs: Path, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = cluster.job(job)
-        if info.get("JobState") in ENDED:
-            return info
-        time.sleep(1)
-    cluster.scancel(job)
-    pytest.fail(f"job {job} did not end in {timeout:.0f} s: {cluster.job(job)}\n{job_log(logs, job)[-4000:]}")
-
-
-def stats_steps(run_dir: Path) -> list[int]:
-    path = run_dir / "stats.jsonl"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,24 @@
 """A throwaway one-node SLURM cluster on localhost (munged, slurmctld, slurmd; state in a temp dir) for the template tests."""
 
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+import pytest
 
 from maskdit_ds.dist import free_port
 
 # Only needed for the cluster; NodeName is "localhost" so that it does not depend on this machine's hostname.
 SLURM_CONF = """\
 ClusterName=maskdit-test
-SlurmctldHost=localhost(127.0.0.1)
+SlurmctldHost=localhost({ctld_addr})
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort={ctld_port}
@@ -23,11 +27,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={munge_socket},cred_expire=5
 StateSaveLocation={state}/ctld
-SlurmdSpoolDir={state}/spool
+SlurmdSpoolDir={state}/spool/%n
 SlurmctldPidFile={state}/slurmctld.pid
-SlurmdPidFile={state}/slurmd.pid
+SlurmdPidFile={state}/slurmd-%n.pid
 SlurmctldLogFile={state}/log/slurmctld.log
-SlurmdLogFile={state}/log/slurmd.log
+SlurmdLogFile={state}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -44,8 +48,8 @@ InactiveLimit=0
 KillWait=30
 MinJobAge=600
 SchedulerParameters=sched_interval=2
-NodeName=localhost NodeAddr=127.0.0.1 {node_hw} State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName=debug Nodes={node_names} Default=YES MaxTime=INFINITE State=UP
 """
 
 
@@ -124,29 +128,48 @@ def _alive(pid: int) -> bool:
 
 
 class LocalCluster:
-    """munged + slurmctld + slurmd for one node called localhost; everything (sockets, state, logs) under `root`.
+    """munged + slurmctld + one slurmd per node; everything (sockets, state, logs) under `root`.
 
-    Clients (sbatch, squeue, scontrol, scancel) must run with `env` (it sets SLURM_CONF).
+    One node called localhost by default. Given `hosts` (multinode.Hosts, network namespaces joined by a bridge):
+    one node per host, named after it, its slurmd started inside the host's namespace under its host name, and
+    slurmctld listening on the bridge. Clients (sbatch, squeue, scontrol, scancel) must run with `env` (it sets
+    SLURM_CONF).
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, hosts=None):
         self.root = Path(root)
         self.conf = self.root / "slurm.conf"
         self.munge_dir = self.root / "munge"
+        self.hosts = hosts
+        self.nodes = [h.name for h in hosts] if hosts else ["localhost"]
         self.pids: dict[str, int] = {}  # daemon name -> pid, only the ones this object started
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    @property
+    def daemons(self) -> list[str]:
+        """Names of the daemons, in start order (log_tail and stop take these)."""
+        return ["munged", "slurmctld", *(f"slurmd-{n}" for n in self.nodes)]
 
     # ------------------------------------------------------------ start
     def start(self) -> "LocalCluster":
         for sub in ("ctld", "spool", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._start_munge()
+        hw = node_hardware()
+        addrs = [h.ip for h in self.hosts] if self.hosts else ["127.0.0.1"]
         self.conf.write_text(SLURM_CONF.format(
             ctld_port=free_port(), slurmd_port=free_port(), munge_socket=self.munge_dir / "munge.socket",
-            state=self.root, node_hw=node_hardware()))
+            state=self.root, ctld_addr=self.hosts.gateway if self.hosts else "127.0.0.1",
+            node_lines="\n".join(f"NodeName={n} NodeAddr={a} {hw} State=UNKNOWN" for n, a in zip(self.nodes, addrs)),
+            node_names=",".join(self.nodes)))
         self._daemon("slurmctld", [_sbin("slurmctld"), "-f", str(self.conf)], self.root / "slurmctld.pid")
-        self._daemon("slurmd", [_sbin("slurmd"), "-f", str(self.conf), "-N", "localhost"], self.root / "slurmd.pid")
-        _wait(self._node_idle, 60, "the node to become idle (sinfo)")
+        for i, node in enumerate(self.nodes):
+            (self.root / "spool" / node).mkdir(exist_ok=True)
+            cmd = [_sbin("slurmd"), "-f", str(self.conf), "-N", node]
+            if self.hosts:
+                cmd = self.hosts.command(self.hosts[i], cmd)
+            self._daemon(f"slurmd-{node}", cmd, self.root / f"slurmd-{node}.pid")
+        _wait(self._nodes_idle, 60, "every node to become idle (sinfo)")
         return self
 
     def _start_munge(self) -> None:
@@ -173,9 +196,9 @@ class LocalCluster:
             raise SlurmUnavailable(f"{name} did not start (exit {out.returncode}): {out.stderr.strip()[-500:]}\n"
                                    f"{self.log_tail(name)}")
 
-    def _node_idle(self) -> bool:
+    def _nodes_idle(self) -> bool:
         out = _run(["sinfo", "-h", "-N", "-o", "%T"], timeout=20, env=self.env, check=False)
-        return out.returncode == 0 and out.stdout.strip() == "idle"
+        return out.returncode == 0 and out.stdout.split() == ["idle"] * len(self.nodes)
 
     # ------------------------------------------------------------ jobs
     def sbatch(self, args: list, env: dict, cwd=None) -> int:
@@ -208,7 +231,7 @@ class LocalCluster:
                       40, "jobs to end")
             except SlurmUnavailable:
                 pass
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in reversed(self.daemons):
             pid = self.pids.pop(name, None)
             if pid is None or not _alive(pid):
                 continue
@@ -219,18 +242,56 @@ class LocalCluster:
                 os.kill(pid, signal.SIGKILL)
 
 
-def start_cluster():
-    """(cluster, None) when up; (None, reason) when SLURM cannot be installed or started here."""
+def start_cluster(hosts=None):
+    """(cluster, None) when up; (None, reason) when SLURM cannot be installed or started here. `hosts`: one node
+    per host of a multinode.Hosts (already up), else one node called localhost."""
     root = Path(tempfile.mkdtemp(prefix="maskdit_slurm_"))
     root.chmod(0o755)  # the munge user must reach its socket directory
-    cluster = LocalCluster(root)
+    cluster = LocalCluster(root, hosts)
     try:
         if os.geteuid() != 0:
             raise SlurmUnavailable("running slurmctld/slurmd as SlurmUser=root needs root (CI runs as root)")
         ensure_installed()
         return cluster.start(), None
     except SlurmUnavailable as err:
-        logs = "\n".join(cluster.log_tail(n) for n in ("munged", "slurmctld", "slurmd"))
+        logs = "\n".join(cluster.log_tail(n) for n in cluster.daemons)
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
         return None, f"{err}\n{logs}"
+
+
+# ---------------------------------------------------------------- jobs of the tests
+
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def job_env(out_dir: Path, run_name: str) -> dict:
+    """The submit environment (sbatch copies it into the job and into a requeued job): the template's knobs."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in drop}
+    venv = sys.prefix if sys.prefix != sys.base_prefix else ""  # its bin/ first on PATH: DeepSpeed's JIT ninja
+    env.update(CONFIG="digits", OUT_DIR=str(out_dir), RUN_NAME=run_name, VENV=venv, PYTHON=sys.executable,
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def job_log(logs: Path, job: int) -> str:
+    files = sorted(logs.glob(f"*-{job}.out"))
+    return files[0].read_text(errors="replace") if files else f"(no log for job {job} in {logs})"
+
+
+def wait_until_ended(cluster, job: int, logs: Path, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = cluster.job(job)
+        if info.get("JobState") in ENDED:
+            return info
+        time.sleep(1)
+    cluster.scancel(job)
+    pytest.fail(f"job {job} did not end in {timeout:.0f} s: {cluster.job(job)}\n{job_log(logs, job)[-4000:]}")
+
+
+def stats_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "stats.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []

@@ -32,7 +32,10 @@ def test_traced_activations_match_a_measured_cpu_step(ratio, precision, flags):
     not fall below it by more than 3% (the trace would then count memory that is not there)."""
     cfg = ModelConfig(name="MaskDiT-S/2", input_size=16, in_channels=4, num_classes=10)
     predicted = trace_step(cfg, 16, precision, "random", ratio, checkpointing=bool(flags)).peak
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1",
+    # a clean environment: the suite's own settings (allocator, thread and torch variables set by earlier tests or
+    # the CI shell) changed the measured growth several-fold when inherited
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "DS_ACCELERATOR": "cpu",
+           "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "support")])}
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "measure_step_memory.py"),
                            "MaskDiT-S/2", "16", "16", str(ratio), precision, *flags], env=env,
