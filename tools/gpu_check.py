@@ -282,7 +282,7 @@ def phase_trainer(args) -> dict:
                                                           dtype=np.uint8))
     weights = work / "inception.pth"
     sha = write_random_weights(weights, seed=0)
-    steps, precision = s["trainer_steps"], "fp16" if torch.cuda.is_available() else "fp32"
+    steps, precision = s["trainer_steps"], "amp_fp16" if torch.cuda.is_available() else "fp32"  # the ImageNet presets' masked phase
     cmd = [sys.executable, "-m", "maskdit_ds", "train", "--config", "digits", f"run.out_dir={work}", "run.name=run",
            "data.source=images", f"data.path={work / 'images'}", f"data.resolution={s['trainer_res']}",
            "data.num_workers=2", f"model.name={s['trainer_model']}", f"model.input_size={s['trainer_res']}",

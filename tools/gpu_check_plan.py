@@ -44,7 +44,7 @@ SAFETY = 1.5  # limit = SAFETY x predicted + one process start
 SMOKE_LIMIT_S = 300  # --smoke: the least limit per phase and runner (CPU times, other jobs on the machine)
 WARMUP, ROUNDS, STEPS = 2, 3, 3  # bench steps per mask ratio: warm-up (also the memory pass) + rounds x steps
 
-FULL = dict(model="MaskDiT-XL/2", latent=32, batch=128, default_precision="bf16", other_precision="fp16",
+FULL = dict(model="MaskDiT-XL/2", latent=32, batch=128, default_precision="amp_bf16", other_precision="amp_fp16",
             ratios=(0.5, 0.0), sample_images=128, sample_steps=18, sample_precisions=3)
 SMOKE = dict(model="MaskDiT-T/2", latent=8, batch=4, default_precision="fp32", other_precision=None,
              ratios=(0.5, 0.0), sample_images=4, sample_steps=2, sample_precisions=1)
@@ -76,12 +76,13 @@ class Phase:
 
 def step_seconds(sizes: dict, ratio: float, precision: str, compiled: bool) -> float:
     """Predicted GPU step time from the trunk's FLOPs at an assumed share of the data-sheet peak."""
-    from maskdit_ds.hardware import GPU_PEAKS
+    from maskdit_ds.hardware import GPU_PEAKS, TRAINING_MODES
     from maskdit_ds.model import get_size, kept_tokens, train_flops
 
     size = get_size(sizes["model"])
     kept = kept_tokens("random", sizes["latent"] // size.patch_size, ratio)
-    peak = dict(GPU_PEAKS)[REHEARSAL_GPU]["tf32" if precision == "fp32" else precision]
+    matmul = TRAINING_MODES[precision].matmul
+    peak = dict(GPU_PEAKS)[REHEARSAL_GPU]["tf32" if matmul == "fp32" else matmul]
     mfu = ASSUMED["mfu_compiled" if compiled else "mfu_eager"]
     return train_flops(size, sizes["latent"], 4, kept) * sizes["batch"] / (peak * 1e12 * mfu)
 
@@ -112,13 +113,12 @@ def predict_memory(sizes: dict, runners: list[Runner], device_memory: int | None
     from maskdit_ds.config import ModelConfig
     from maskdit_ds.training.bench import bench_config
     from maskdit_ds.training.engine import build_ds_config
-    from maskdit_ds.hardware import DTYPES
     from maskdit_ds.training.memory_plan import FIT_SHARE, GiB, bench_runner_peak
 
     model = ModelConfig(name=sizes["model"], input_size=sizes["latent"], in_channels=4, num_classes=1000)
     cache = {}
     for runner in runners:
-        key = (runner.engine, DTYPES[runner.precision].itemsize)
+        key = (runner.engine, runner.precision)
         if key not in cache:
             cfg = bench_config(sizes["model"], sizes["latent"], 4, sizes["batch"], runner.precision)
             cache[key] = bench_runner_peak(model, sizes["batch"], runner.precision, sizes["ratios"], "random",

@@ -268,10 +268,11 @@ def bench_runner_peak(model_cfg, batch: int, precision: str, ratios, strategy: s
     weights, gradients and AdamW's two moments, 16 bytes per parameter, and autocast activations)."""
     with torch.device("meta"):
         params = sum(p.numel() for p in build_denoiser(model_cfg).parameters())
-    autocast = engine == "torch" and precision != "fp32"
-    activations = max(trace_step(model_cfg, batch, precision, strategy, r, autocast=autocast).peak for r in ratios)
+    matmul, autocast = split_precision(precision)  # a training mode (amp_bf16, ...) or a plain dtype name
+    autocast = autocast or (engine == "torch" and matmul != "fp32")  # the plain loop always autocasts
+    activations = max(trace_step(model_cfg, batch, matmul, strategy, r, autocast=autocast).peak for r in ratios)
     if engine == "torch":
         return {"static": 16 * params, "activations": activations, "peak": 16 * params + activations}
-    state = zero2_state(params, precision, 1, ds_config)
+    state = zero2_state(params, "fp32" if autocast else matmul, 1, ds_config)
     static = state["weights"] + state["gradients"] + state["optimizer"]
     return {"static": static, "activations": activations, "peak": static + max(activations, state["step_grads"])}
