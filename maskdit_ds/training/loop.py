@@ -75,7 +75,8 @@ def train_locked(cfg: Config, stages: tuple[Stage, ...]) -> int:
     stop, active = StopRequest(), None
     try:  # however the run ends, what it opened is closed here (see the finally)
         # the FID monitor fails on every rank, before training, if its weights or reference are wrong
-        run = Run(ema, state, logger, stop, build_monitors(cfg), teacher, DeviceClock(dist.world_size()))
+        run = Run(ema, state, logger, stop, build_monitors(cfg), teacher, DeviceClock(dist.world_size()),
+                  last_good=start.source if start.kind == "resume" else None)
         for stage in stages[state.stage:]:
             active = build_stage(stage, dataset, net, data_state, start)
             code = run_stage(active, run)
@@ -159,6 +160,7 @@ class Run:
     monitors: dict  # stats key -> in-training quality check (FIDMonitor, AgreementMonitor)
     teacher: Teacher | None
     clock: DeviceClock
+    last_good: Path | None = None  # the newest complete checkpoint of this run (resumed or saved), for failures
 
 
 def build_stage(stage: Stage, dataset, net: torch.nn.Module, data_state: dict | None, start: ckpt.Start
@@ -190,7 +192,7 @@ def run_stage(stage: StageRun, run: Run) -> int | None:
     cfg, state, engine = stage.cfg, run.state, stage.engine
     loss_fn = build_loss(cfg.model, cfg.loss, aligned=run.teacher is not None)
     meter = build_meter(cfg)
-    health = Health(cfg.run_dir / "checkpoints")
+    health = Health(run.last_good)
     ema = MasterEMA(run.ema, engine, DENOISER_PREFIX if denoiser_of(engine.module) is not engine.module else "")
     sums, streak, batches = new_sums(), 0, iter(stage.loader)
     accum = grad_accum(cfg, dist.world_size())
@@ -233,7 +235,8 @@ def run_stage(stage: StageRun, run: Run) -> int | None:
             health.flush()  # never save after a non-finite step; and every rank agrees on stopping here
             health.check_weights(state.step, engine, ema)  # nor non-finite weights or EMA
             run.clock.charge(state, agree=True)
-            ckpt.save_checkpoint(cfg, engine, ema.gather(), state, stage.loader, dist.say)
+            saved = ckpt.save_checkpoint(cfg, engine, ema.gather(), state, stage.loader)
+            run.last_good = health.last_good = saved
         run.logger.advance()
         if health.stop:
             reasons = [r for r in dist.all_gather_objects(run.stop.reason) if r]
@@ -332,8 +335,8 @@ class Health:
     checked; what counts as divergence is Engine.divergence's (an fp16 overflow that the scaler skips is not).
     """
 
-    def __init__(self, ckpt_dir: Path):
-        self.ckpt_dir = ckpt_dir
+    def __init__(self, last_good: Path | None):
+        self.last_good = last_good  # named when the run stops; kept up to date by run_stage
         self.pending: list[tuple[int, dist.Pending]] = []
         self.stop = False  # some rank asked to stop (seen in a step's reduced flags)
         self.flags = torch.eye(2, device=dist.device())[:, 1]  # [0., 1.]: a stop flag without a host copy
@@ -365,7 +368,6 @@ class Health:
 
     def failure(self, step: int, what: str) -> TrainingError:
         """The one-line stop: what happened, and the newest checkpoint that is still good."""
-        tags = ckpt.list_tags(self.ckpt_dir)
-        last = f"the last good checkpoint is {self.ckpt_dir / tags[-1]}" if tags else "no checkpoint was written"
+        last = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written"
         return TrainingError(f"step {step}: {what}; nothing was saved after it, and {last}. Lower optim.lr or "
                              "change engine.precision.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 from ... import dist, io
 from ...config import Config, save_config
@@ -12,10 +13,10 @@ from ..state import TrainState, rng_state
 from . import tags
 
 
-def save_checkpoint(cfg: Config, engine, ema, state: TrainState, loader, say=dist.say) -> None:
+def save_checkpoint(cfg: Config, engine, ema, state: TrainState, loader, say=dist.say) -> Path:
     """Collective. DeepSpeed partitions + per-rank state on every rank; EMA, config, export and manifest on rank 0.
     A failed write (disk full, quota) removes the partial tag on the rank that saw it and raises StorageError;
-    earlier tags are untouched, and pruning only runs after a complete save."""
+    earlier tags are untouched, and pruning only runs after a complete save. Returns the complete tag."""
     ckpt_dir, tag = cfg.run_dir / "checkpoints", step_name(state.step)
     tag_dir = ckpt_dir / tag
     with io.storage_guard(tag_dir, "checkpoint", cleanup=tag_dir if dist.is_main() else None):
@@ -37,6 +38,7 @@ def save_checkpoint(cfg: Config, engine, ema, state: TrainState, loader, say=dis
             io.remove(old)
         say(f"[checkpoint] saved {tag_dir}")
     dist.barrier()
+    return tag_dir
 
 
 def lineage(cfg: Config) -> dict:
