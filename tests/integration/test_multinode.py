@@ -17,7 +17,7 @@ import pytest
 
 import launch
 from multinode import Hosts, NamespacesUnavailable, Sshd, unavailable_reason
-from slurm_helpers import ENDED, job_env, job_log, start_cluster, stats_steps, wait_until_ended
+from slurm_helpers import ENDED, job_env, job_log, running_cluster, start_cluster, stats_steps, wait_until_ended
 from maskdit_ds.training.checkpoint import check_tag, list_tags
 from repo import ROOT
 
@@ -97,14 +97,8 @@ def test_multinode_cluster_up_and_down_leaves_nothing(tmp_path):
 
 @pytest.fixture(scope="module")
 def slurm(hosts):
-    cluster, reason = start_cluster(hosts)
-    if cluster is None:
-        pytest.skip(f"SLURM could not be started: {reason}")
-    try:
+    with running_cluster(hosts) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(cluster.root, ignore_errors=True)
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -185,7 +179,8 @@ def test_multinode_deepspeed_hostfile_2x2_matches_one_host_4_ranks(hosts, sshd, 
     proc = hosts.run(hosts[0], cmd, timeout=300, env={**rank_env(), **sshd.env}, cwd=tmp_path,
                      start_new_session=True)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "global_rank_mapping=defaultdict(<class 'list'>, {'node1': [0, 1], 'node2': [2, 3]})" in proc.stdout + proc.stderr
+    mapping = "global_rank_mapping=defaultdict(<class 'list'>, {'node1': [0, 1], 'node2': [2, 3]})"
+    assert mapping in proc.stdout + proc.stderr
     assert losses(tmp_path / "ds") == one_host_4_ranks  # bitwise
 
 

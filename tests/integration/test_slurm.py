@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import re
 import os
-import shutil
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from repo import ROOT
-from slurm_helpers import ENDED, job_env, job_log, start_cluster, stats_steps, wait_until_ended
+from slurm_helpers import ENDED, job_env, job_log, running_cluster, stats_steps, wait_until_ended
 from maskdit_ds.training.checkpoint import check_tag, list_tags
 
 # sbatch options on the command line override the templates' #SBATCH lines: 2 CPU tasks instead of 8 GPUs.
@@ -29,15 +27,8 @@ def cluster():
     """munged + slurmctld + slurmd started here and stopped here (only those); a skip with the reason otherwise."""
     if (os.cpu_count() or 1) < 2:
         pytest.skip("the SLURM tests run 2 tasks of 1 CPU each; this machine has 1 CPU")
-    started, reason = start_cluster()
-    if started is None:
-        print(f"\n[test_slurm] skipped: SLURM could not be started: {reason}", file=sys.stderr, flush=True)
-        pytest.skip(f"SLURM could not be started: {reason}")
-    try:
+    with running_cluster() as started:
         yield started
-    finally:
-        started.stop()
-        shutil.rmtree(started.root, ignore_errors=True)
 
 
 def submit(cluster, template: str, logs: Path, env: dict, args: list) -> int:

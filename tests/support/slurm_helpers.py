@@ -1,5 +1,6 @@
 """A throwaway one-node SLURM cluster on localhost (munged, slurmctld, slurmd; state in a temp dir) for the template tests."""
 
+import contextlib
 import json
 import os
 import re
@@ -295,3 +296,18 @@ def wait_until_ended(cluster, job: int, logs: Path, timeout: float) -> dict:
 def stats_steps(run_dir: Path) -> list[int]:
     path = run_dir / "stats.jsonl"
     return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@contextlib.contextmanager
+def running_cluster(hosts=None):
+    """A started cluster (start_cluster) for a fixture to yield, stopped and removed afterwards; the test skips, with
+    the reason, where SLURM cannot run."""
+    cluster, reason = start_cluster(hosts)
+    if cluster is None:
+        print(f"\n[slurm] skipped: SLURM could not be started: {reason}", file=sys.stderr, flush=True)
+        pytest.skip(f"SLURM could not be started: {reason}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.root, ignore_errors=True)
