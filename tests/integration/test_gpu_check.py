@@ -51,7 +51,8 @@ def test_gpu_check_rehearsal_prints_the_80gb_plan_and_fails_when_short(tmp_path)
     phases = {p["name"]: p for p in plan["phases"]}
     assert list(phases)[:5] == ["env", "collectives", "attention", "bench_eager", "bench_compiled"]
     runners = [r for p in plan["phases"] for r in p["runners"]]
-    assert {r["name"] for r in runners} >= {"deepspeed-bf16-eager", "deepspeed-bf16-compiled", "torch-bf16-eager"}
+    assert {r["name"] for r in runners} >= {"deepspeed-amp_bf16-eager", "deepspeed-amp_bf16-compiled",
+                                            "deepspeed-amp_fp16-eager", "torch-amp_bf16-eager"}  # GPU default, paper
     assert all(r["fits"] and 20 < r["predicted_gib"] < 72 for r in runners)  # XL/2, batch 128, <= 90% of 80 GiB
     assert sum(p["predicted_s"] for p in plan["phases"] if p["kept"]) <= plan["budget_s"] == 480
     assert "| 4 | bench_eager | yes |" in proc.stdout and "predicted total of the kept phases" in proc.stdout
