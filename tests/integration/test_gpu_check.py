@@ -10,7 +10,10 @@ from repo import tool
 
 
 def check_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    """This process's environment for the check, less what an earlier test left in it: the rank variables, and the
+    inductor cache folder that torch exports once anything compiled in this process (the check chooses its own)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "TORCHINDUCTOR_CACHE_DIR")}
     env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1")
     return env
 
