@@ -24,10 +24,11 @@ from ..config import ds_config_path, load_config, resolve_auto
 from ..data import DigitsDataset
 from ..diffusion import MaskedEDMLoss, ema_update
 from ..hardware import TRAINING_MODES
-from ..model import Masker, build_denoiser, get_size, token_grid
+from ..model import Masker, build_denoiser, token_grid
 from .bench import TorchBaseline
 from .ema import MasterEMA
 from .engine import AMP_SCALER_KEY, Engine, init_distributed
+from .loop import build_loss
 
 PAPER = "paper:"  # arm prefix: the plain loop in that precision's autocast dtype (paper:amp_fp16 is the paper's)
 
@@ -122,8 +123,7 @@ def run_arm(name: str, cfg, init: dict, batches, noise_seed: int, decay: float, 
     net = build_denoiser(cfg.model)
     net.load_state_dict(init)
     arm = Arm(name, net.to(dist.device()), cfg, decay, init_scale)
-    loss_fn = MaskedEDMLoss(get_size(cfg.model.name).patch_size, cfg.model.num_classes, cfg.loss.P_mean,
-                            cfg.loss.P_std, cfg.model.sigma_data, cfg.loss.mae_weight, cfg.loss.label_dropout)
+    loss_fn = build_loss(cfg.model, cfg.loss)  # the trainer's loss, built as the trainer builds it
     masker = Masker(cfg.mask.strategy, token_grid(cfg.model), cfg.mask.ratio, cfg.mask.block_size)
     losses, skipped, deviation = [], 0, {}
     for step, (x, y) in enumerate(batches):
