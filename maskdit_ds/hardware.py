@@ -66,6 +66,28 @@ def describe_mode(name: str) -> str:
     return f"{name}: {what}{scaling}; EMA of the fp32 masters"
 
 
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def keep_freed_host_memory() -> bool:
+    """CPU training: keep freed memory in the process for the next step instead of handing it back to the kernel.
+
+    glibc serves every allocation above 32 MB with a fresh mmap and returns it on free, so each step's large
+    temporaries (ZeRO-2's flat gradient partition, its buckets, the optimizer's scratch) are page-faulted in and
+    zeroed by the kernel again: measured on MaskDiT-S/2 at one rank, that was most of the ZeRO-2 engine's extra
+    time over a plain PyTorch step (docs/benchmarks.md, "Engine overhead"). With mmap off and trimming off, freed
+    blocks are reused, as a GPU's caching allocator does; resident memory stays at the run's peak. False where
+    the C library has no mallopt (not glibc): nothing changes there."""
+    import ctypes
+
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    # -1: "disables trimming completely" (mallopt(3)); 0 mmapped blocks: big blocks come from the heap too
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
+
+
 def native_cpu_bf16() -> tuple[bool, str]:
     """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX), as torch will run them.
 

@@ -3,7 +3,7 @@ weight_decay (those come from optim.*). Light on purpose: config validation read
 
 torch's AdamW (ZeRO-supported, so no untested-optimizer switch) needs no build; DeepSpeed's FusedAdam JIT-compiles
 CUDA code on first use (nvcc + ninja on every node, 1-2 minutes per fresh node). `auto` (engine.optimizer_impl)
-picks torch_fused on GPUs and torch on CPUs.
+picks torch_fused on GPUs and CPUs.
 """
 from __future__ import annotations
 
