@@ -181,6 +181,19 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t.to(tensor.device)
 
 
+def data_parallel(net: torch.nn.Module) -> torch.nn.Module:
+    """torch's DistributedDataParallel over the world (the plain-PyTorch loop's gradient all-reduce: the bench's
+    baseline at more than one rank); the network itself on one rank. find_unused_parameters: which parameters a
+    step uses depends on its mask (the mask token only when tokens are dropped)."""
+    if world_size() <= 1:
+        return net
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = device()
+    return DistributedDataParallel(net, device_ids=[dev] if dev.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
 class Pending:
     """An all-reduce in flight; `result()` waits for it (its value one step later costs no stall)."""
 

@@ -7,6 +7,9 @@
         --ratios 0,0.5,0.75,0.9 --strategy block --block-size 2              # plain torch, MaskDM's block masks
     python -m maskdit_ds bench --model MaskDiT-XL/2 --batch 128 --precision fp16 \\
         --align facebook/dinov2-base --align-depth 8                         # REPA's overhead, side by side
+    python -m maskdit_ds bench --batch 8 --precision fp32 --baseline --compile off --ratios 0.5 \\
+        --ds-config my_zero2.json --profile 3      # engine settings side by side, where the extra time goes
+    deepspeed --num_gpus 2 --module maskdit_ds bench ...    # every rank steps; the baseline in torch DDP
 """
 import argparse
 import os
@@ -46,6 +49,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--align-proj-dim", type=int, default=loss.align_proj_dim, help="projector width")
     p.add_argument("--teacher-resolution", type=int, default=loss.align_teacher_resolution,
                    help="image side the teacher sees")
+    p.add_argument("--ds-config", action="append", default=[], metavar="JSON",
+                   help="one more engine with this ds_config (shipped name or path), side by side; repeatable")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, profile STEPS more steps of each mode (torch.profiler) and print, per "
+                        "engine, the ops that take extra time against the plain loop and DeepSpeed's phases")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     args.ratios = tuple(float(r) for r in args.ratios.split(","))
@@ -61,16 +69,22 @@ def main(argv=None) -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from ..training.bench import format_rows, run
+    from .. import dist
+    from ..training.bench import format_profile, format_rows, run
 
-    rows = run(args.model, args.input_size, args.channels, args.batch, args.precision, args.ratios, args.rounds,
+    rows, profiles = run(args.model, args.input_size, args.channels, args.batch, args.precision, args.ratios, args.rounds,
                args.steps, warmup=args.warmup, baseline=args.baseline, compile=args.compile,
                strategy=args.strategy, block_size=args.block_size, deepspeed=not args.no_deepspeed,
                align={"teacher": args.align, "depth": args.align_depth, "proj_dim": args.align_proj_dim,
-                      "resolution": args.teacher_resolution} if args.align else None)
+                      "resolution": args.teacher_resolution} if args.align else None,
+                         ds_configs=tuple(args.ds_config), profile_steps=args.profile)
+    if not dist.is_main():
+        return 0
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
     print(format_rows(rows, f"{args.model} {args.input_size}x{args.input_size}x{args.channels}, batch {args.batch}, "
                             f"{rows[0]['precision']}, {device}"))
+    if profiles:
+        print(format_profile(profiles))
     if args.json:
         io.atomic_write_json(Path(args.json), rows)
     return 0

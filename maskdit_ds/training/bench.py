@@ -5,7 +5,9 @@ run (maskdit_ds.timing). One process, one device. MFU counts the trunk's FLOPs o
 """
 from __future__ import annotations
 
+import copy
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -17,30 +19,33 @@ from ..model import Masker, build_denoiser, gemm_shapes, get_size, materialise, 
 from ..model.align import AlignedDenoiser
 from ..model.teacher import load_teacher
 from ..timing import interleave, time_calls
-from .engine import Engine, compile_enabled, init_distributed
+from .engine import Engine, compile_enabled, init_distributed, optimizer_impl, profiled_phases
 from .stats import mfu, peak_memory_gb
 
 
 def bench_config(model: str, input_size: int, channels: int, batch: int, precision: str, strategy: str = "random",
-                 block_size: int = 2):
+                 block_size: int = 2, world_size: int = 1):
+    """batch: per rank (no accumulation)."""
     cfg = load_config("digits", [f"model.name={model}", f"model.input_size={input_size}",
                                  f"model.in_channels={channels}", "model.num_classes=1000",
                                  f"data.resolution={input_size}", f"train.micro_batch={batch}",
-                                 f"train.global_batch={batch}", f"engine.precision={precision}", "train.stages=[]",
+                                 f"train.global_batch={batch * world_size}", f"engine.precision={precision}", "train.stages=[]",
                                  f"mask.strategy={strategy}", f"mask.block_size={block_size}"])
     return resolve_auto(cfg)[0]
 
 
 class TorchBaseline:
     """The same step without DeepSpeed, as the paper's loop trains: fp32 weights, torch AdamW, torch.autocast in
-    the mode's matmul dtype (bf16/fp16), torch's GradScaler for fp16. Quotes what the engine costs or saves
-    against the usual hand-written PyTorch loop, and is the reference of training/numerics.py."""
+    the mode's matmul dtype (bf16/fp16), torch's GradScaler for fp16, and torch's DDP across ranks. Quotes what
+    the engine costs or saves against the usual hand-written PyTorch loop, and is the reference of
+    training/numerics.py. Its AdamW kernel is the engine's (engine.optimizer), so the two differ by the engine
+    alone."""
 
-    def __init__(self, net: torch.nn.Module, lr: float, precision: str):
-        self.net = net
-        fused = torch.cuda.is_available()
+    def __init__(self, net: torch.nn.Module, lr: float, precision: str, optimizer: str = "auto"):
+        self.net = dist.data_parallel(net)
+        fused = optimizer_impl(optimizer) == "torch_fused"
         self.opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                                     fused=fused)
+                                     fused=fused, foreach=None if fused else True)
         matmul = TRAINING_MODES[precision].matmul
         self.dtype = None if matmul == "fp32" else DTYPES[matmul]
         self.scaler = torch.amp.GradScaler(dist.device().type, enabled=matmul == "fp16")
@@ -58,22 +63,27 @@ class TorchBaseline:
         self.opt.zero_grad(set_to_none=True)
 
 
-def engines(cfg, compile: str, build) -> dict:
-    """DeepSpeed runners by name: eager, compiled (engine.compile=true), or both to interleave them. build() makes
-    each a fresh network on the bench's device."""
+def engines(cfg, compile: str, build, ds_configs: tuple[str, ...] = ()) -> dict:
+    """DeepSpeed runners by name: eager, compiled (engine.compile=true), or both to interleave them; with
+    ds_configs, one more engine per named ds_config (shipped name or path: engine settings side by side), named
+    by its file. build() makes each a fresh network on the bench's device."""
     chosen = {"both": ("false", "true"), "on": ("true",), "off": ("false",), "auto": (cfg.engine.compile,)}[compile]
     out = {}
     for choice in chosen:
         cfg.engine.compile = choice
-        name = "deepspeed+compile" if compile_enabled(choice) else "deepspeed"
-        out[name] = Engine(build(), cfg, world_size=1)
+        suffix = "+compile" if compile_enabled(choice) else ""
+        out["deepspeed" + suffix] = Engine(build(), cfg, world_size=dist.world_size())
+        for ds_config in ds_configs:
+            variant = copy.deepcopy(cfg)
+            variant.engine.ds_config = ds_config
+            out[f"deepspeed[{Path(ds_config).stem}]" + suffix] = Engine(build(), variant, dist.world_size())
     return out
 
 
-def runners_for(cfg, compile: str, baseline: bool, deepspeed: bool, build) -> dict:
-    runners = engines(cfg, compile, build) if deepspeed else {}
+def runners_for(cfg, compile: str, baseline: bool, deepspeed: bool, build, ds_configs: tuple[str, ...] = ()) -> dict:
+    runners = engines(cfg, compile, build, ds_configs) if deepspeed else {}
     if baseline or not deepspeed:
-        runners["torch"] = TorchBaseline(build(), cfg.optim.lr, cfg.engine.precision)
+        runners["torch"] = TorchBaseline(build(), cfg.optim.lr, cfg.engine.precision, cfg.engine.optimizer)
     return runners
 
 
@@ -122,12 +132,16 @@ def peak_memory(fn) -> float:
 
 def run(model="MaskDiT-S/2", input_size=32, channels=4, batch=16, precision="auto", ratios=(0.5, 0.0),
         rounds=5, steps=5, warmup=3, baseline=False, compile="auto", strategy="random", block_size=2,
-        deepspeed=True, align: dict | None = None) -> list[dict]:
-    """align: {"teacher", "resolution", "depth", "proj_dim"} adds every runner again with alignment."""
+        deepspeed=True, align: dict | None = None, ds_configs: tuple[str, ...] = (),
+        profile_steps: int = 0) -> tuple[list[dict], dict]:
+    """align: {"teacher", "resolution", "depth", "proj_dim"} adds every runner again with alignment. Under a
+    launcher every rank runs the same steps (batch per rank; the baseline in DDP). Returns the rows and, with
+    profile_steps, each mode's profile (profile_modes)."""
     init_distributed()
-    cfg = bench_config(model, input_size, channels, batch, precision, strategy, block_size)
+    cfg = bench_config(model, input_size, channels, batch, precision, strategy, block_size, dist.world_size())
     torch.manual_seed(0)
-    runners = runners_for(cfg, compile, baseline, deepspeed, lambda: build_denoiser(cfg.model, dist.device()))
+    runners = runners_for(cfg, compile, baseline, deepspeed, lambda: build_denoiser(cfg.model, dist.device()),
+                          ds_configs)
     size, grid, device = get_size(model), token_grid(cfg.model), dist.device()
     loss_fn = MaskedEDMLoss(size.patch_size, cfg.model.num_classes, label_dropout=0.1)
     x = torch.randn(batch, channels, input_size, input_size, device=device)
@@ -138,6 +152,7 @@ def run(model="MaskDiT-S/2", input_size=32, channels=4, batch=16, precision="aut
         modes.update(alignment_modes(cfg, align, compile, baseline, deepspeed, maskers, x, y))
     memory = {mode: peak_memory(lambda fn=fn: time_calls(fn, warmup)) for mode, fn in modes.items()}
     times = interleave(modes, rounds, steps)
+    profiles = profile_modes(modes, profile_steps) if profile_steps else {}
     rows = []
     for (name, r), values in times.items():
         med, kept = statistics.median(values), maskers[r].kept
@@ -156,20 +171,64 @@ def run(model="MaskDiT-S/2", input_size=32, channels=4, batch=16, precision="aut
         row["speedup_vs_unmasked"] = base["median_step_s"] / row["median_step_s"]
         plain = by_mode.get((row["runner"].removesuffix("+align"), row["mask_ratio"]))
         row["align_overhead"] = row["median_step_s"] / plain["median_step_s"] if plain else 1.0
-    return rows
+        torch_row = by_mode.get(("torch", row["mask_ratio"]))
+        row["vs_torch"] = row["median_step_s"] / torch_row["median_step_s"] if torch_row else None
+        row["world_size"] = dist.world_size()
+    return rows, profiles
+
+
+def profile_modes(modes: dict, steps: int) -> dict:
+    """torch.profiler over `steps` more steps of each mode, DeepSpeed's ZeRO-2 phases labelled: per mode, the
+    self time per step of every op (the device's time on GPUs, the CPU's on CPUs) and the total time per step
+    of every phase, in milliseconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if gpu else [])]
+    out = {}
+    for mode, fn in modes.items():
+        with profiled_phases(), profile(activities=activities) as prof:
+            time_calls(fn, steps)
+        events = prof.key_averages()
+        ops = {e.key: (e.self_device_time_total if gpu else e.self_cpu_time_total) / steps / 1e3
+               for e in events if not e.key.startswith("zero2: ")}
+        phases = {e.key: e.cpu_time_total / steps / 1e3 for e in events if e.key.startswith("zero2: ")}
+        out[mode] = {"ops": ops, "phases": phases}
+    return out
+
+
+def format_profile(profiles: dict, top: int = 8) -> str:
+    """For each engine mode against the plain loop at the same mask ratio: the ops that take the most extra
+    time per step (engine minus plain), and DeepSpeed's phases."""
+    lines = []
+    for (name, ratio), prof in profiles.items():
+        plain = profiles.get(("torch", ratio))
+        if name == "torch" or plain is None:
+            continue
+        extra = {op: ms - plain["ops"].get(op, 0.0) for op, ms in prof["ops"].items()}
+        total = sum(prof["ops"].values()) - sum(plain["ops"].values())
+        lines += [f"{name} vs torch, mask ratio {ratio}: {total:+.1f} ms per step of op self time",
+                  "| op | engine ms/step | plain ms/step | extra ms/step |", "|---|---|---|---|"]
+        for op, ms in sorted(extra.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"| {op} | {prof['ops'][op]:.1f} | {plain['ops'].get(op, 0.0):.1f} | {ms:+.1f} |")
+        lines += ["| DeepSpeed phase (total, nested) | ms/step |", "|---|---|"]
+        lines += [f"| {label} | {ms:.1f} |" for label, ms in sorted(prof["phases"].items(), key=lambda kv: -kv[1])]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def format_rows(rows: list[dict], header: str) -> str:
     lines = [header, "| runner | mask ratio | kept tokens | median step (s) | images/s | TFLOP/s | MFU | peak mem (GiB) "
-                     "| speed-up vs first r=0 | FLOP ratio 0/r | step time vs unaligned |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+                     "| speed-up vs first r=0 | FLOP ratio 0/r | step time vs unaligned | step time vs torch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         shown = "n/a" if r["mfu"] is None else f"{r['mfu']:.3f}"
+        vs_torch = "n/a" if r["vs_torch"] is None else f"{r['vs_torch']:.3f}x"
         lines.append(f"| {r['runner']} | {r['mask_ratio']} | {r['kept_tokens']} | {r['median_step_s']:.4f} "
                      f"| {r['images_per_s']:.1f} | {r['tflops']:.3f} | {shown} | {r['peak_mem_gb']:.2f} "
                      f"| {r['speedup_vs_unmasked']:.2f}x | {r['flop_ratio_vs_unmasked']:.2f}x "
-                     f"| {r['align_overhead']:.2f}x |")
+                     f"| {r['align_overhead']:.2f}x | {vs_torch} |")
     lines.append(f"(MFU against: {rows[0]['peak_source']}, trunk FLOPs only; {rows[0]['steps_timed']} timed steps "
-                 f"per mode, interleaved; mask strategy {rows[0]['strategy']}; +align: teacher forward and projector "
+                 f"per mode, interleaved, {rows[0]['world_size']} rank(s), batch per rank; mask strategy {rows[0]['strategy']}; +align: teacher forward and projector "
                  "in the step)")
     return "\n".join(lines)

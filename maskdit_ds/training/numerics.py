@@ -59,7 +59,7 @@ class Arm:
         self.ema = copy.deepcopy(net).float().requires_grad_(False)
         self.half_ema = None
         if name.startswith(PAPER):
-            self.runner = TorchBaseline(net, cfg.optim.lr, name.removeprefix(PAPER))
+            self.runner = TorchBaseline(net, cfg.optim.lr, name.removeprefix(PAPER), cfg.engine.optimizer)
             if init_scale is not None:
                 self.runner.scaler = torch.amp.GradScaler(dist.device().type, init_scale=init_scale,
                                                           enabled=self.runner.scaler.is_enabled())
