@@ -5,24 +5,35 @@ inductor without generating kernels, which only the GPU check times."""
 import torch
 from torch._dynamo.utils import counters
 
+import pytest
+
 from maskdit_ds.config import ModelConfig
 from maskdit_ds.diffusion import MaskedEDMLoss
 from maskdit_ds.model import Masker, build_denoiser, kept_tokens
+from maskdit_ds.model.align import AlignedDenoiser
 from maskdit_ds.training.engine import compile_blocks
 
+TEACHER_DIM = 8
 
-def test_trunk_compiles_once_per_kept_token_count_without_graph_breaks():
+
+@pytest.mark.parametrize("aligned", [False, True], ids=["plain", "aligned"])
+def test_trunk_compiles_once_per_kept_token_count_without_graph_breaks(aligned):
+    """aligned: REPA's projector reads the tokens of encoder block 1 through a tap between the compiled blocks;
+    the tap must not break a block's graph or add compiles."""
     torch._dynamo.reset()
     cfg = ModelConfig(name="MaskDiT-T/2", input_size=8, in_channels=4, num_classes=10)
     torch.manual_seed(0)
     net = build_denoiser(cfg)
+    if aligned:
+        net = AlignedDenoiser(net, depth=1, width=16, teacher_dim=TEACHER_DIM)
     compile_blocks(net, backend="aot_eager")
-    loss_fn = MaskedEDMLoss(2, 10)
+    loss_fn = MaskedEDMLoss(2, 10, aligned=aligned, align_weight=0.5)
     counters.clear()
     graphs = []
     for ratio in (0.5, 0.5, 0.0, 0.0):  # masked phase, then the unmasked phase (its own engine: same blocks)
         x, y = torch.randn(4, 4, 8, 8), torch.randint(0, 10, (4,))
-        loss, _ = loss_fn(net, x, y, Masker("random", 4, ratio))
+        target = torch.randn(4, 16, TEACHER_DIM) if aligned else None  # teacher features on the 4 x 4 grid
+        loss, _ = loss_fn(net, x, y, Masker("random", 4, ratio), target)
         loss.mean().backward()
         graphs.append(counters["stats"]["unique_graphs"])
     assert dict(counters["graph_break"]) == {}
