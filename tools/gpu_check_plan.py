@@ -34,12 +34,20 @@ ASSUMED = {
     "engine_init_s": 10.0,  # XL/2 materialised on the GPU + deepspeed.initialize (flat buffers, optimizer)
     "mfu_eager": 0.35,  # share of the data-sheet dense peak an eager step reaches
     "mfu_compiled": 0.45,  # the target for a compiled step
-    "compile_s_per_graph": 40.0,  # inductor, forward + backward of one block graph (2 widths x 2 token counts)
+    "compile_s_per_graph": 0.0,  # set below from the CPU measurement and the stated GPU factor
     "light_phase_s": 5.0,  # env, collectives, attention, gemm: their work after the process start
     "trainer_launch_s": 30.0,  # one trainer launch of MaskDiT-B/2 at 32 px: data, grids, FID, checkpoint
     "sampling_setup_s": 15.0,  # random XL/2 export and VAE written, loaded, decoder run
     "vae_s": 30.0,  # build and save an SD-VAE, write images, encode them
 }
+# Measured: `python tools/time_compile.py --model MaskDiT-XL/2 --input-size 32 --batch 2` on EPYC-BF16 (2 cores,
+# cold inductor cache, 2026-12-06): 30.6 s for the trunk's 3 graphs (forward + backward), 10.2 s per graph, no
+# graph break. The GPU builds Triton kernels instead of C++ and benchmarks their launch configurations on first
+# use; the Python half (dynamo, AOT autograd, lowering) is the same work. Without a GPU measurement we assume 3x
+# the CPU's time per graph, a margin on top of SAFETY for the deciding compiled phase.
+MEASURED_CPU_COMPILE_S_PER_GRAPH = 10.2
+GPU_COMPILE_FACTOR = 3.0
+ASSUMED["compile_s_per_graph"] = round(MEASURED_CPU_COMPILE_S_PER_GRAPH * GPU_COMPILE_FACTOR, 1)
 SAFETY = 1.5  # limit = SAFETY x predicted + one process start
 SMOKE_LIMIT_S = 300  # --smoke: the least limit per phase and runner (CPU times, other jobs on the machine)
 WARMUP, ROUNDS, STEPS = 2, 3, 3  # bench steps per mask ratio: warm-up (also the memory pass) + rounds x steps
@@ -90,7 +98,8 @@ def step_seconds(sizes: dict, ratio: float, precision: str, compiled: bool) -> f
 def runner_seconds(sizes: dict, runner: Runner) -> float:
     steps = sum((WARMUP + ROUNDS * STEPS) * step_seconds(sizes, r, runner.precision, runner.compile)
                 for r in sizes["ratios"])
-    graphs = 2 * len(sizes["ratios"]) if runner.compile else 0  # encoder and decoder width per token count
+    # the encoder's blocks once per kept-token count, the decoder's once (it always sees every token): measured
+    graphs = len(sizes["ratios"]) + 1 if runner.compile else 0
     return ASSUMED["process_start_s"] + ASSUMED["engine_init_s"] + graphs * ASSUMED["compile_s_per_graph"] + steps
 
 
@@ -203,6 +212,8 @@ def markdown(phases: list[Phase], budget: float, device_memory: int | None) -> s
     kept = sum(p.predicted_s for p in phases if p.kept)
     lines += ["", f"predicted total of the kept phases: {kept:.0f} s of {budget:.0f} s",
               "assumed (until a GPU measures them): " + ", ".join(f"{k} {v}" for k, v in ASSUMED.items()),
+              f"compile_s_per_graph: {MEASURED_CPU_COMPILE_S_PER_GRAPH} s per graph measured on CPU "
+              f"(tools/time_compile.py, XL/2 trunk, cold cache) x {GPU_COMPILE_FACTOR} assumed for the GPU",
               f"limits: {SAFETY} x predicted + process start; step times: trunk FLOPs at the assumed MFU of the "
               f"{REHEARSAL_GPU} data-sheet dense peak; memory: training/memory_plan.py"]
     return "\n".join(lines)
