@@ -58,3 +58,21 @@ def test_fp16_divergence_stops_with_the_last_good_tag_and_saves_nothing_non_fini
     assert all(check_tag(run / "checkpoints" / t) is None for t in list_tags(run / "checkpoints"))
     assert f"the last good checkpoint is {run / 'checkpoints' / 'step_0000004'}" in proc.stdout
     assert "Traceback" not in proc.stdout and "already at minimum" not in proc.stdout
+
+
+def test_amp_fp16_loss_scale_survives_a_reshard_to_one_rank(tmp_path):
+    """A 2-rank amp_fp16 run resumed on 1 rank goes through a universal checkpoint (training/checkpoint/reshard):
+    torch's GradScaler state rides in DeepSpeed's client state, which that conversion must not drop, or the
+    resumed run would restart from the configured scale and overflow its way down again."""
+    overrides = ["engine.precision=amp_fp16", f"engine.ds_config={amp_ds_config(tmp_path, 2.0**19)}",
+                 "train.ckpt_every=3", "optim.lr=1e-3"]
+    first = train(tmp_path, "r", [*overrides, "train.steps=3"])
+    assert first.returncode == 0, first.stdout[-4000:]
+    saved = rows_by_step(tmp_path / "r")[3]
+    assert saved[1] not in (2.0**19, 2.0**16) and saved[2] > 0  # lowered by overflows: a lost state would show
+    again = train(tmp_path, "r", [*overrides, "train.steps=5"], ranks=1)
+    assert again.returncode == 0 and "resharded to 1 ranks" in again.stdout, again.stdout[-4000:]
+    resumed = rows_by_step(tmp_path / "r")
+    # no overflow after the checkpoint (the scale fits from 2^17) and no growth before 2000 good steps: unchanged
+    assert resumed[4][1] == saved[1] and resumed[5][1] == saved[1]
+    assert resumed[4][2] == saved[2]  # and the skipped-step count carries on
