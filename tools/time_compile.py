@@ -53,7 +53,8 @@ def main(argv=None) -> int:
         return time.perf_counter() - start
 
     print(f"{args.model} {args.input_size}x{args.input_size}, batch {args.batch}, backend {args.backend}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, cache {os.environ['TORCHINDUCTOR_CACHE_DIR']}")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"cache {os.environ['TORCHINDUCTOR_CACHE_DIR']}")
     total_compile, total_graphs = 0.0, 0
     for ratio in (float(r) for r in args.ratios.split(",")):
         graphs_before = counters["stats"]["unique_graphs"]

@@ -72,12 +72,12 @@ def main(argv=None) -> int:
     from .. import dist
     from ..training.bench import format_profile, format_rows, run
 
-    rows, profiles = run(args.model, args.input_size, args.channels, args.batch, args.precision, args.ratios, args.rounds,
-               args.steps, warmup=args.warmup, baseline=args.baseline, compile=args.compile,
-               strategy=args.strategy, block_size=args.block_size, deepspeed=not args.no_deepspeed,
-               align={"teacher": args.align, "depth": args.align_depth, "proj_dim": args.align_proj_dim,
-                      "resolution": args.teacher_resolution} if args.align else None,
-                         ds_configs=tuple(args.ds_config), profile_steps=args.profile)
+    align = {"teacher": args.align, "depth": args.align_depth, "proj_dim": args.align_proj_dim,
+             "resolution": args.teacher_resolution} if args.align else None
+    rows, profiles = run(args.model, args.input_size, args.channels, args.batch, args.precision, args.ratios,
+                         args.rounds, args.steps, warmup=args.warmup, baseline=args.baseline, compile=args.compile,
+                         strategy=args.strategy, block_size=args.block_size, deepspeed=not args.no_deepspeed,
+                         align=align, ds_configs=tuple(args.ds_config), profile_steps=args.profile)
     if not dist.is_main():
         return 0
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"

@@ -29,8 +29,8 @@ def bench_config(model: str, input_size: int, channels: int, batch: int, precisi
     cfg = load_config("digits", [f"model.name={model}", f"model.input_size={input_size}",
                                  f"model.in_channels={channels}", "model.num_classes=1000",
                                  f"data.resolution={input_size}", f"train.micro_batch={batch}",
-                                 f"train.global_batch={batch * world_size}", f"engine.precision={precision}", "train.stages=[]",
-                                 f"mask.strategy={strategy}", f"mask.block_size={block_size}"])
+                                 f"train.global_batch={batch * world_size}", f"engine.precision={precision}",
+                                 "train.stages=[]", f"mask.strategy={strategy}", f"mask.block_size={block_size}"])
     return resolve_auto(cfg)[0]
 
 
@@ -171,7 +171,8 @@ def run(model="MaskDiT-S/2", input_size=32, channels=4, batch=16, precision="aut
         row["speedup_vs_unmasked"] = base["median_step_s"] / row["median_step_s"]
         plain = by_mode.get((row["runner"].removesuffix("+align"), row["mask_ratio"]))
         row["align_overhead"] = row["median_step_s"] / plain["median_step_s"] if plain else 1.0
-        torch_row = by_mode.get(("torch", row["mask_ratio"]))
+        aligned = "+align" if row["runner"].endswith("+align") else ""
+        torch_row = by_mode.get(("torch" + aligned, row["mask_ratio"]))
         row["vs_torch"] = row["median_step_s"] / torch_row["median_step_s"] if torch_row else None
         row["world_size"] = dist.world_size()
     return rows, profiles
@@ -218,8 +219,9 @@ def format_profile(profiles: dict, top: int = 8) -> str:
 
 
 def format_rows(rows: list[dict], header: str) -> str:
-    lines = [header, "| runner | mask ratio | kept tokens | median step (s) | images/s | TFLOP/s | MFU | peak mem (GiB) "
-                     "| speed-up vs first r=0 | FLOP ratio 0/r | step time vs unaligned | step time vs torch |",
+    lines = [header, "| runner | mask ratio | kept tokens | median step (s) | images/s | TFLOP/s | MFU "
+                     "| peak mem (GiB) | speed-up vs first r=0 | FLOP ratio 0/r | step time vs unaligned "
+                     "| step time vs torch |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         shown = "n/a" if r["mfu"] is None else f"{r['mfu']:.3f}"
@@ -228,7 +230,8 @@ def format_rows(rows: list[dict], header: str) -> str:
                      f"| {r['images_per_s']:.1f} | {r['tflops']:.3f} | {shown} | {r['peak_mem_gb']:.2f} "
                      f"| {r['speedup_vs_unmasked']:.2f}x | {r['flop_ratio_vs_unmasked']:.2f}x "
                      f"| {r['align_overhead']:.2f}x | {vs_torch} |")
-    lines.append(f"(MFU against: {rows[0]['peak_source']}, trunk FLOPs only; {rows[0]['steps_timed']} timed steps "
-                 f"per mode, interleaved, {rows[0]['world_size']} rank(s), batch per rank; mask strategy {rows[0]['strategy']}; +align: teacher forward and projector "
-                 "in the step)")
+    first = rows[0]
+    lines.append(f"(MFU against: {first['peak_source']}, trunk FLOPs only; {first['steps_timed']} timed steps per "
+                 f"mode, interleaved, {first['world_size']} rank(s), batch per rank; mask strategy "
+                 f"{first['strategy']}; +align: teacher forward and projector in the step)")
     return "\n".join(lines)
