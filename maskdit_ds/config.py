@@ -94,7 +94,7 @@ class EngineConfig:
     precision: str = "auto"  # auto (amp_bf16 on GPUs, amp_fp16 before Ampere; bf16 on CPUs that have it, else fp32) | amp_fp16 | amp_bf16 (fp32 weights, autocast matmuls) | fp16 | bf16 (pure half engine) | fp32
     ds_config: str = ""  # engine-mechanics JSON; empty: ds_configs/zero2_<precision>.json
     tf32: bool = True  # allow TF32 matmuls on GPU in fp32 runs
-    optimizer: str = "auto"  # AdamW kernel: auto (torch_fused) / torch_fused / torch (foreach) / deepspeed_fused (JIT build)
+    optimizer: str = "auto"  # AdamW kernel: auto (torch_fused) / torch_fused / torch (unfused) / deepspeed_fused (JIT build)
     compile: str = "auto"  # torch.compile each transformer block: auto (on for GPUs, off for CPUs) / true / false
     activation_checkpointing: bool = False  # recompute each transformer block in the backward (less memory, ~1 more trunk forward); --dry-run's memory plan says when a stage needs it
 

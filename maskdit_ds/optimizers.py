@@ -10,7 +10,7 @@ from __future__ import annotations
 from .registry import Registry
 
 OPTIMIZERS: Registry[dict] = Registry("optimizer")  # engine.optimizer (besides auto)
-# torch_fused: one fused kernel per step (CUDA; also CPU in torch 2.4+); torch: torch's foreach implementation
+# torch_fused: one fused kernel per step (CUDA; also CPU in torch 2.4+); torch: torch's default (unfused) implementation
 OPTIMIZERS.register("torch_fused", {"torch_adam": True, "fused": True})
 OPTIMIZERS.register("torch", {"torch_adam": True})
 OPTIMIZERS.register("deepspeed_fused", {})  # DeepSpeed FusedAdam (JIT build)

@@ -45,7 +45,7 @@ class TorchBaseline:
         self.net = dist.data_parallel(net)
         fused = optimizer_impl(optimizer) == "torch_fused"
         self.opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                                     fused=fused, foreach=None if fused else True)
+                                     fused=fused)
         matmul = TRAINING_MODES[precision].matmul
         self.dtype = None if matmul == "fp32" else DTYPES[matmul]
         self.scaler = torch.amp.GradScaler(dist.device().type, enabled=matmul == "fp16")

@@ -113,7 +113,7 @@ def ds_precision(ds: dict) -> str:
 
 def optimizer_impl(choice: str) -> str:
     """auto: torch's fused AdamW, on GPUs and CPUs alike (torch >= 2.4 has a CPU kernel). On ZeRO-2's one flat
-    partition per group the foreach kernel makes full-size temporaries (sqrt, div, ...) every step: measured on
+    partition per group the unfused kernel makes full-size temporaries (sqrt, div, ...) every step: measured on
     CPU, the fused kernel took the engine's step from 1.45x to 1.23x the plain step's (docs/benchmarks.md)."""
     return "torch_fused" if choice == "auto" else choice
 
