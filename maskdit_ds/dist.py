@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import torch
 import torch.distributed as tdist
@@ -47,8 +50,6 @@ def ensure_single_process_env() -> None:
 
 def free_port() -> int:
     """A TCP port that is free on this host now (for a rendezvous; one per launch)."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -269,8 +270,6 @@ _watchdog = None
 
 
 def host() -> str:
-    import socket
-
     return socket.gethostname()
 
 
@@ -339,9 +338,6 @@ class Watchdog:
     (a call into a dead link may block for good), the other judges what it last heard, and never blocks."""
 
     def __init__(self, timeout_s: float):
-        import threading
-        import time
-
         self.timeout_s, self.stop = timeout_s, threading.Event()
         self.store = _store(timeout_s=min(timeout_s, 30))
         self.keys = [ALIVE_KEY.format(r) for r in range(len(_hosts))]
@@ -353,8 +349,6 @@ class Watchdog:
             thread.start()
 
     def beat(self) -> None:
-        import time
-
         while not self.stop.wait(HEARTBEAT_S):
             try:
                 self.store.add(self.keys[rank()], 1)
@@ -368,8 +362,6 @@ class Watchdog:
             self.store_ok = now
 
     def check(self) -> None:
-        import time
-
         while not self.stop.wait(HEARTBEAT_S):
             now = time.monotonic()
             if now - self.store_ok > self.timeout_s:
@@ -385,7 +377,7 @@ class Watchdog:
             return
         from .errors import EXIT_PEER_LOST
 
-        print(f"\ndistributed error: {message}", file=__import__("sys").stderr, flush=True)  # after a progress bar
+        print(f"\ndistributed error: {message}", file=sys.stderr, flush=True)  # after a progress bar
         os._exit(EXIT_PEER_LOST)
 
 
@@ -406,8 +398,6 @@ def store_unreachable(evidence: str, cause: str = "") -> str:
 
 def lost_ranks(wait_s: float = 3 * HEARTBEAT_S) -> list[int] | None:
     """The ranks whose heartbeat stood still for wait_s; None when the store cannot be reached."""
-    import time
-
     try:
         store = _store(timeout_s=5)
         keys = [ALIVE_KEY.format(r) for r in range(len(_hosts))]
